@@ -1,0 +1,1 @@
+"""upm_jax: unsupervised video person re-identification (DAL, uPMnet) in JAX/Flax."""
