@@ -48,10 +48,10 @@ class Checkpoints:
         step = self._step(step)
         return self._manager.restore(step, args=_restore_args(abstract_state))
 
-    def restore_inference(self, abstract_state, step=None):
-        """Restores only EMA params, frozen params and batch_stats: a dict of those fields."""
+    def restore_inference(self, target, step=None):
+        """Restores only the TrainState fields named in `target` (a dict of abstract trees,
+        normally the INFERENCE_FIELDS) and returns them as a dict."""
         step = self._step(step)
-        target = {name: getattr(abstract_state, name) for name in INFERENCE_FIELDS}
         args = _restore_args(target)
         return self._manager.restore(
             step, args=ocp.args.PyTreeRestore(

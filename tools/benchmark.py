@@ -1,0 +1,287 @@
+"""How fast is upm_jax here? One command, a printed table, and a JSON file.
+
+    python tools/benchmark.py --out benchmark.json                      # everything, defaults
+    python tools/benchmark.py --sections train --backbones mobilenet_v1 --heads local \
+        --batches 64,max --dtypes float32,bfloat16
+
+Sections:
+  train     training steps/s and frames/s (on-device dataset), XLA FLOPs per step, MFU
+  extract   extraction frames/s with the on-device input and the host pipeline
+  input     decode + resize frames/s per CPU core (PNG and JPEG, 128x64 -> 256x128)
+  evaluate  evaluator seconds and peak memory at MARS size
+
+Every row names the device kind, the JAX version, the dtype and the batch size. Warm-up
+(compilation and the first steps) is excluded; each figure is the median of several
+repeats, with the spread (min, max) beside it.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from upm_jax import extract as extract_lib  # noqa: E402
+from upm_jax import models  # noqa: E402
+from upm_jax import optim  # noqa: E402
+from upm_jax import sharding  # noqa: E402
+from upm_jax import train as train_lib  # noqa: E402
+from upm_jax.association import AnchorMemory  # noqa: E402
+
+# Dense peak FLOP/s per chip by device kind (vendor figures, no sparsity), for MFU.
+PEAK_FLOPS = {
+    "NVIDIA H100": {"bfloat16": 989e12, "float32": 67e12},
+    "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
+    "NVIDIA A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
+HEADS = {"dal": "dal", "upm_local": "local", "upm_global": "global"}
+# The resident training set the train section samples from (PRID2011-like: 2 cameras).
+_FRAMES, _TRACKLETS_PER_CAMERA = 4096, (89, 89)
+
+
+def peak_flops(dtype):
+    kind = jax.devices()[0].device_kind
+    for prefix, peaks in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return peaks[dtype]
+    return None
+
+
+def timed(fn, repeats):
+    """Median, min and max seconds of `fn()` over `repeats` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), max(times)
+
+
+def row_base(dtype, batch):
+    return dict(device=jax.devices()[0].device_kind, devices=jax.device_count(),
+                jax=jax.__version__, dtype=dtype, batch=batch)
+
+
+def _train_setup(backbone, head, batch, dtype, image_size, n_part, mesh):
+    model = models.build_model(backbone, head, n_part=1 if head == "dal" else n_part,
+                               dtype=jnp.dtype(dtype))
+    height, width = image_size, image_size // 2
+    feature_shape = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)), train=False)[0]).shape
+    memory = AnchorMemory.zeros(_TRACKLETS_PER_CAMERA, feature_shape[1], feature_shape[2])
+    tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.045, learning_rate_2=0.0,
+                                        steps_per_epoch=_FRAMES / batch, total_steps=20000,
+                                        decay_rate=0.94, decay_epochs=2.0)
+    state = train_lib.create_train_state(model, jax.random.PRNGKey(0),
+                                         image_shape=(height, width), tx=tx, memory=memory,
+                                         mesh=mesh)
+    step_fn = train_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=0,
+                                        frozen_scopes=model.frozen_scopes)
+    rng = np.random.default_rng(0)
+    per_camera = _TRACKLETS_PER_CAMERA[0]
+    resident = {
+        "image": rng.integers(0, 256, (_FRAMES, height, width, 3), dtype=np.uint8),
+        "track": rng.integers(0, per_camera, _FRAMES).astype(np.int32),
+        "camera": rng.integers(0, 2, _FRAMES).astype(np.int32),
+    }
+    resident = jax.device_put(resident, sharding.replicated(mesh))
+    batches = [{"index": jax.device_put(rng.integers(0, _FRAMES, batch).astype(np.int32),
+                                        sharding.batch_sharding(mesh))} for _ in range(8)]
+    return state, step_fn, resident, batches
+
+
+def bench_train(backbone, head, batch, dtype, args, mesh):
+    """Steps/s of the full training step with the on-device dataset."""
+    state, step_fn, resident, batches = _train_setup(
+        backbone, head, batch, dtype, args.image_size, args.n_part, mesh)
+    lowered = step_fn.lower(state, batches[0], resident)
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    holder = {"state": state}
+
+    def run_steps():
+        s = holder["state"]
+        for i in range(args.steps):
+            s, metrics = step_fn(s, batches[i % len(batches)], resident)
+        jax.block_until_ready(metrics["loss"])
+        holder["state"] = s
+
+    median, low, high = timed(run_steps, args.repeats)
+    steps_per_s = args.steps / median
+    peak = peak_flops(dtype)
+    return dict(row_base(dtype, batch), section="train", backbone=backbone, method=head,
+                steps_per_s=steps_per_s, frames_per_s=steps_per_s * batch,
+                steps_per_s_range=[args.steps / high, args.steps / low],
+                flops_per_step=flops,
+                mfu=(flops * steps_per_s / (peak * jax.device_count())) if peak and flops
+                else None)
+
+
+def largest_batch(backbone, head, dtype, args, mesh):
+    """The largest power-of-two batch (>= 64) whose training step compiles and runs."""
+    batch, best = 64, None
+    while batch <= args.max_batch_limit:
+        try:
+            state, step_fn, resident, batches = _train_setup(
+                backbone, head, batch, dtype, args.image_size, args.n_part, mesh)
+            state, metrics = step_fn(state, batches[0], resident)
+            jax.block_until_ready(metrics["loss"])
+            best = batch
+        except Exception as e:  # XLA reports running out of memory as a runtime error.
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            break
+        finally:
+            state = step_fn = resident = batches = None
+        batch *= 2
+    return best
+
+
+def bench_extract(backbone, head, batch, dtype, args, mesh):
+    """Extraction frames/s: device-resident frames vs the host pipeline from files."""
+    model = models.build_model(backbone, head, n_part=1 if head == "dal" else args.n_part,
+                               dtype=jnp.dtype(dtype))
+    height, width = args.image_size, args.image_size // 2
+    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, height, width, 3)),
+                                             train=False))(jax.random.PRNGKey(0))
+    feature_fn = extract_lib.make_feature_fn(model, mesh)
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
+        sharding.batch_sharding(mesh))
+
+    def device_input():
+        for _ in range(args.steps):
+            out = feature_fn(variables, images)
+        jax.block_until_ready(out)
+
+    median, low, high = timed(device_input, args.repeats)
+    rows = [dict(row_base(dtype, batch), section="extract", backbone=backbone, method=head,
+                 input="on-device", frames_per_s=args.steps * batch / median,
+                 frames_per_s_range=[args.steps * batch / high, args.steps * batch / low])]
+    rows.append(_bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, head))
+    return rows
+
+
+def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, head):
+    from upm_jax.data import synthetic
+    from upm_jax import data as data_lib
+    with tempfile.TemporaryDirectory() as root:
+        synthetic.generate("prid2011", root, ids=args.extract_ids, seed=0)
+        dataset = data_lib.load_dataset("prid2011", root, split=1,
+                                        split_file=synthetic.split_file(root))
+        table = dataset.test
+
+        def host_input():
+            extract_lib.extract_frame_features(model, variables, table, mesh=mesh,
+                                               batch_size=batch, image_size=args.image_size)
+
+        median, low, high = timed(host_input, max(1, args.repeats // 2))
+    frames = len(table.path)
+    return dict(row_base(dtype, batch), section="extract", backbone=backbone, method=head,
+                input="host pipeline (PNG files)", frames_per_s=frames / median,
+                frames_per_s_range=[frames / high, frames / low])
+
+
+def bench_input(args):
+    from upm_jax.data import benchmark as data_benchmark
+    result = data_benchmark.decode_resize_throughput()
+    return [dict(row_base("uint8", 1), section="input", **result)]
+
+
+def bench_evaluate(args):
+    from upm_jax.evaluation import benchmark as eval_benchmark
+    result = eval_benchmark.mars_size_benchmark(rerank=args.rerank)
+    return [dict(row_base("float32", 0), section="evaluate", **result)]
+
+
+def format_table(rows):
+    lines = []
+    for row in rows:
+        keys = [k for k in row if k not in ("device", "jax", "devices")]
+        text = ", ".join(f"{k}={_fmt(row[k])}" for k in keys)
+        lines.append(f"[{row['device']} x{row['devices']}, jax {row['jax']}] {text}")
+    return "\n".join(lines)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", default="train,extract,input,evaluate")
+    parser.add_argument("--backbones", default="mobilenet_v1,resnet_v1_50")
+    parser.add_argument("--heads", default="dal,upm_local,upm_global")
+    parser.add_argument("--batches", default="64,max",
+                        help="comma list of global batch sizes; 'max' searches the largest")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--n-part", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-batch-limit", type=int, default=4096)
+    parser.add_argument("--extract-ids", type=int, default=40,
+                        help="synthetic PRID-layout ids for the host extraction figure")
+    parser.add_argument("--extract-batch", type=int, default=512)
+    parser.add_argument("--rerank", action="store_true", help="also time re-ranking")
+    parser.add_argument("--out", default="benchmark.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sections = args.sections.split(",")
+    mesh = sharding.make_mesh()
+    rows = []
+
+    def emit(new_rows):
+        rows.extend(new_rows)
+        print(format_table(new_rows), flush=True)
+
+    for backbone in args.backbones.split(","):
+        for method in args.heads.split(","):
+            head = HEADS[method]
+            for dtype in args.dtypes.split(","):
+                if "train" in sections:
+                    for batch in args.batches.split(","):
+                        if batch == "max":
+                            size = largest_batch(backbone, head, dtype, args, mesh)
+                            if size is None:
+                                continue
+                        else:
+                            size = int(batch)
+                        row = bench_train(backbone, head, size, dtype, args, mesh)
+                        row["largest_batch"] = batch == "max"
+                        emit([row])
+                if "extract" in sections:
+                    emit(bench_extract(backbone, head, args.extract_batch, dtype, args, mesh))
+    if "input" in sections:
+        emit(bench_input(args))
+    if "evaluate" in sections:
+        emit(bench_evaluate(args))
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Feature extraction: batched, sharded over every device, every test frame exactly once.
+
+Writes the features file the evaluator reads (`upm_jax.evaluation` format) and, on
+request, the `.mat` files the original MATLAB scripts load.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.io
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from upm_jax import data as data_lib
+from upm_jax import evaluation
+
+# scipy writes MATLAB v5 files, whose variables must stay under 2 GiB; the original MARS
+# script reads its test features from two files (test0.mat, test1.mat) for that reason.
+_MAT_LIMIT_BYTES = 2**31 - 1
+
+
+def merge_trees(a, b):
+    """Deep-merges two nested dicts with disjoint leaves (trained + frozen params)."""
+    merged = dict(a)
+    for key, value in b.items():
+        if key in merged:
+            if not (isinstance(merged[key], dict) and isinstance(value, dict)):
+                raise ValueError(f"parameter {key!r} is both trained and frozen")
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def inference_variables(restored):
+    """Flax variables from a checkpoint's EMA params, frozen params and batch_stats."""
+    params = merge_trees(_as_dict(restored["ema_params"]), _as_dict(restored["frozen_params"]))
+    return {"params": params, "batch_stats": _as_dict(restored["batch_stats"])}
+
+
+def _as_dict(tree):
+    return {k: _as_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def make_feature_fn(model, mesh):
+    """A jitted `(variables, uint8 images [B,H,W,3]) -> float32 features [B, P, D]`."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    def features(variables, images):
+        images = images.astype(jnp.float32) / 127.5 - 1.0
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    return jax.jit(features, out_shardings=batch_sharding)
+
+
+def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size):
+    """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
+
+    Each process decodes only its rows of each global batch; the device work of batch i
+    overlaps the decoding of batch i + 1 (results are fetched one batch late).
+    """
+    if batch_size % mesh.size:
+        raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
+                         f"{mesh.size} devices in use")
+    feature_fn = make_feature_fn(model, mesh)
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    rows = _process_rows(batch_size)
+    out = None
+    pending = None
+
+    def collect(pending):
+        feats, index, valid = pending
+        feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))
+        return feats[valid], index[valid]
+
+    for batch in data_lib.test_batches(table, batch_size=batch_size, image_size=image_size):
+        local = batch["image"][rows]
+        images = jax.make_array_from_process_local_data(sharding, local)
+        feats = feature_fn(variables, images)
+        if pending is not None:
+            done, index = collect(pending)
+            out = _store(out, done, index, len(table.path))
+        pending = (feats, batch["index"], batch["valid"])
+    if pending is not None:
+        done, index = collect(pending)
+        out = _store(out, done, index, len(table.path))
+    return out
+
+
+def _store(out, feats, index, num_frames):
+    if out is None:
+        out = np.zeros((num_frames,) + feats.shape[1:], np.float32)
+    out[index] = feats
+    return out
+
+
+def _process_rows(global_batch):
+    """This process's rows of a global batch (contiguous, in process order)."""
+    count = jax.process_count()
+    if global_batch % count:
+        raise ValueError(f"batch {global_batch} is not divisible by {count} processes")
+    per = global_batch // count
+    start = jax.process_index() * per
+    return slice(start, start + per)
+
+
+def features_arrays(frame_feat, dataset, *, pooling, frame_level=True):
+    """The evaluator's arrays for the test set: frame-level, or pooled per tracklet here."""
+    test = dataset.test
+    arrays = dict(
+        pid=test.tracklet_pid.astype(np.int64),
+        cam=test.tracklet_camera.astype(np.int64) + 1,
+        query=np.asarray(dataset.query, np.int64),
+        gallery=np.asarray(dataset.gallery, np.int64),
+        pooling=np.asarray(pooling))
+    if frame_level:
+        arrays.update(frame_feat=frame_feat, frame_track=test.tracklet.astype(np.int64))
+    else:
+        arrays.update(track_feat=evaluation.pool_tracklets(
+            frame_feat, test.tracklet, len(test.tracklet_pid), pooling=pooling))
+    return arrays
+
+
+def write_features(path, arrays):
+    """Writes the features file atomically (validated by the evaluator's writer)."""
+    if jax.process_index() == 0:
+        evaluation.save_features(path, **arrays)
+
+
+def write_mat(directory, frame_feat, dataset, layout):
+    """The original MATLAB scripts' inputs: `test.mat` ([D, N], one column per frame, the
+    parts flattened) with per-frame `testID.mat` / `testCAM.mat`; MARS reads `test0.mat`
+    and `test1.mat` (the frames split in two halves)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(directory, exist_ok=True)
+    test = dataset.test
+    feats = frame_feat.reshape(len(frame_feat), -1).T  # [P*D, N]
+    if layout == "mars" or feats.nbytes > _MAT_LIMIT_BYTES:
+        half = feats.shape[1] // 2
+        parts = {"test0.mat": feats[:, :half], "test1.mat": feats[:, half:]}
+    else:
+        parts = {"test.mat": feats}
+    parts["testID.mat"] = test.pid.astype(np.float64)[:, None]
+    parts["testCAM.mat"] = (test.camera.astype(np.float64) + 1)[:, None]
+    for name, value in parts.items():
+        key = name.split(".")[0].replace("0", "").replace("1", "")
+        _atomic_savemat(os.path.join(directory, name), {key: np.ascontiguousarray(value)})
+
+
+def _atomic_savemat(path, variables):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        scipy.io.savemat(f, variables, do_compression=False)
+    os.replace(tmp, path)

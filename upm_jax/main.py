@@ -1,0 +1,67 @@
+"""Command line: `python -m upm_jax.main --config configs/prid.py --workdir runs/prid`.
+
+Thin on purpose: flags in, one library call (`upm_jax.run.run`) out, so notebooks and
+tests drive the same code.
+"""
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/prid.py:split=3.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, features, results.")
+_MODE = flags.DEFINE_enum("mode", "all", ["train", "extract", "evaluate", "all"],
+                          "What to run.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "yes", "no"],
+    "Call jax.distributed.initialize(): 'auto' does when the launcher provides a "
+    "coordinator (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host TPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_LAUNCHER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_STEP_NUM_TASKS",
+                       "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def _multi_process_launch():
+    """True when a launcher started several processes that must join one JAX runtime."""
+    for name in _LAUNCHER_VARIABLES:
+        value = os.environ.get(name, "")
+        if name == "TPU_WORKER_HOSTNAMES":
+            if len(value.split(",")) > 1:
+                return True
+        elif name == "JAX_COORDINATOR_ADDRESS":
+            if value:
+                return True
+        elif value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax  # Imported here so the environment above applies.
+
+    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multi_process_launch()):
+        jax.distributed.initialize()
+    from upm_jax import run as run_lib
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        results = run_lib.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except (run_lib.ConfigError, run_lib.TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if results and jax.process_index() == 0:
+        from upm_jax import report
+        print(report.format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
