@@ -1,0 +1,126 @@
+"""The top-level re-id model (backbone + head) and ``build_model``, the name -> model registry."""
+from typing import Any, Callable, Dict, NamedTuple, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from upm_jax.models import mobilenet_v1, resnet_v1
+from upm_jax.models.heads import GAM_DIM, DALHead, GlobalHead, LocalHead
+
+HEADS = ("dal", "local", "global")
+COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class BackboneSpec(NamedTuple):
+    """What the model needs to know about a backbone (its init and BN settings feed the GAM)."""
+
+    make: Callable[..., nn.Module]  # (depth_multiplier, dtype, name) -> module
+    channels: Callable[[float], int]  # depth_multiplier -> channels of the final map
+    kernel_init: Callable[[], Callable]
+    bn_decay: float
+    bn_epsilon: float
+    dal_pooling: str
+    has_depth_multiplier: bool
+
+
+BACKBONES: Dict[str, BackboneSpec] = {
+    "mobilenet_v1": BackboneSpec(
+        make=lambda dm, dtype, name: mobilenet_v1.MobileNetV1(dm, dtype=dtype, name=name),
+        channels=lambda dm: mobilenet_v1.scaled_depth(1024, dm),
+        kernel_init=mobilenet_v1.kernel_init,
+        bn_decay=mobilenet_v1.BN_DECAY,
+        bn_epsilon=mobilenet_v1.BN_EPSILON,
+        dal_pooling="slim_avgpool",
+        has_depth_multiplier=True,
+    ),
+    "resnet_v1_50": BackboneSpec(
+        make=lambda dm, dtype, name: resnet_v1.ResNetV1_50(dtype=dtype, name=name),
+        channels=lambda dm: 2048,
+        kernel_init=resnet_v1.kernel_init,
+        bn_decay=resnet_v1.BN_DECAY,
+        bn_epsilon=resnet_v1.BN_EPSILON,
+        dal_pooling="mean",
+        has_depth_multiplier=False,
+    ),
+}
+
+
+class ReidModel(nn.Module):
+    """Backbone (submodule ``backbone``) + feature head (submodule ``head``).
+
+    ``__call__(images [B, H, W, 3] in [-1, 1], train, return_endpoints)`` returns float32
+    features [B, P, D], and with ``return_endpoints=True`` also the backbone's endpoint maps
+    (dict name -> [B, h, w, C], float32). Build it with ``build_model``.
+    """
+
+    backbone_name: str
+    head_name: str
+    n_part: int = 8
+    depth_multiplier: float = 1.0
+    dtype: Any = jnp.float32
+    train_relation: bool = False
+
+    @property
+    def frozen_scopes(self) -> Tuple[Tuple[str, ...], ...]:
+        """Path prefixes whose params and batch_stats training must never update."""
+        if self.head_name == "global" and not self.train_relation:
+            return (("head", "Logits"),)
+        return ()
+
+    @property
+    def num_parts(self) -> int:
+        """P of the [B, P, D] features."""
+        return 1 if self.head_name == "dal" else self.n_part
+
+    @property
+    def feature_dim(self) -> int:
+        """D of the [B, P, D] features."""
+        if self.head_name == "global":
+            return GAM_DIM
+        return BACKBONES[self.backbone_name].channels(self.depth_multiplier)
+
+    @nn.compact
+    def __call__(self, images, train: bool = False, return_endpoints: bool = False):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [B, H, W, 3] (NHWC, RGB), got shape {images.shape}")
+        spec = BACKBONES[self.backbone_name]
+        fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, "backbone")(images, train)
+        if self.head_name == "dal":
+            head = DALHead(spec.dal_pooling, name="head")
+        elif self.head_name == "local":
+            head = LocalHead(self.n_part, name="head")
+        else:
+            head = GlobalHead(self.n_part, spec.kernel_init(), spec.bn_decay, spec.bn_epsilon,
+                              self.train_relation, self.dtype, name="head")
+        feats = head(fmap, train).astype(jnp.float32)  # [B, P, D]
+        if return_endpoints:
+            return feats, {k: v.astype(jnp.float32) for k, v in endpoints.items()}
+        return feats
+
+
+def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: int = 8,
+                depth_multiplier: float = 1.0, dtype=jnp.float32,
+                train_relation: bool = False) -> ReidModel:
+    """Validate the settings and build the model (see ``ReidModel``).
+
+    backbone: 'mobilenet_v1' | 'resnet_v1_50'; head: 'dal' (P = 1) | 'local' (LAM) | 'global'
+    (GAM); n_part: stripes for local/global; depth_multiplier: MobileNet width (ResNet: 1.0);
+    dtype: compute dtype (params stay float32); train_relation: train the GAM relation layers
+    instead of keeping them frozen at their initialisation (the originals' behaviour).
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {list(HEADS)}")
+    if isinstance(n_part, bool) or not isinstance(n_part, (int, np.integer)) or n_part < 1:
+        raise ValueError(f"n_part must be a positive integer, got {n_part!r}")
+    if not float(depth_multiplier) > 0:
+        raise ValueError(f"depth_multiplier must be > 0, got {depth_multiplier!r}")
+    if not BACKBONES[backbone].has_depth_multiplier and float(depth_multiplier) != 1.0:
+        raise ValueError(f"backbone {backbone!r} has no depth multiplier; got "
+                         f"depth_multiplier={depth_multiplier!r} (expected 1.0)")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in COMPUTE_DTYPES]:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+    return ReidModel(backbone, head, int(n_part), float(depth_multiplier), jnp.dtype(dtype),
+                     bool(train_relation))

@@ -1,0 +1,56 @@
+"""The ported-weights file: an .npz of backbone params keyed by Flax path, plus metadata.
+
+Keys are '/'-joined paths from the ``params`` root, e.g. ``backbone/Conv2d_0/kernel``; the
+metadata entries ``__meta__/backbone`` and ``__meta__/source`` are 0-d unicode arrays (so the
+file loads without pickle). NumPy only.
+"""
+import os
+import tempfile
+import zipfile
+from typing import Dict, Tuple
+
+import numpy as np
+
+META_PREFIX = "__meta__/"
+
+
+class WeightsFileError(ValueError):
+    """A weights file is missing, unreadable, or not a ported-weights file."""
+
+
+def save_weights(path: str, params: Dict[str, np.ndarray], *, backbone: str, source: str) -> None:
+    """Atomically write ``params`` (flat path -> array) and metadata to ``path`` (.npz)."""
+    arrays = {k: np.asarray(v) for k, v in params.items()}
+    arrays[META_PREFIX + "backbone"] = np.array(backbone)
+    arrays[META_PREFIX + "source"] = np.array(source)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_weights(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Read a file written by ``save_weights`` -> (flat path -> array, metadata dict)."""
+    if not os.path.isfile(path):
+        raise WeightsFileError(f"pretrained weights file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise WeightsFileError(
+            f"cannot read pretrained weights file {path}: not a valid .npz written by "
+            f"tools/port_weights.py ({type(e).__name__}: {e})") from e
+    meta = {k[len(META_PREFIX):]: str(v) for k, v in arrays.items() if k.startswith(META_PREFIX)}
+    params = {k: v for k, v in arrays.items() if not k.startswith(META_PREFIX)}
+    if "backbone" not in meta:
+        raise WeightsFileError(
+            f"{path} is not a ported-weights file: it has no '{META_PREFIX}backbone' entry "
+            f"(write it with tools/port_weights.py)")
+    return params, meta
