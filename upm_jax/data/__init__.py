@@ -1,0 +1,22 @@
+"""Datasets: raw-layout readers, synthetic data, TFDS builders and the input pipeline.
+
+Readers and tables need only NumPy/SciPy/Pillow; the pipeline functions import JAX on use.
+"""
+from upm_jax.data.images import decode_resize, resize_bilinear_tf1
+from upm_jax.data.readers import LAYOUTS, load_dataset
+from upm_jax.data.table import DatasetError, FrameTable, ReidDataset
+
+
+_PIPELINE = ("batch_indices", "TrainInput", "load_resident", "test_batches", "resident_batches")
+
+
+def __getattr__(name):
+    """Lazily exposes the JAX-based pipeline so readers stay importable without JAX."""
+    if name in _PIPELINE:
+        import importlib
+        return getattr(importlib.import_module("upm_jax.data.pipeline"), name)
+    raise AttributeError(f"module 'upm_jax.data' has no attribute {name!r}")
+
+
+__all__ = ["DatasetError", "FrameTable", "LAYOUTS", "ReidDataset", "decode_resize",
+           "load_dataset", "resize_bilinear_tf1", *_PIPELINE]

@@ -1,0 +1,27 @@
+"""PRID2011 multi-shot reader (cam_a = camera 1 / probe, cam_b = camera 2 / gallery).
+
+cam_b holds persons absent from cam_a (and vice versa); only the persons of the split file
+are read, so those extra folders are ignored.
+"""
+from __future__ import annotations
+
+import os
+
+from upm_jax.data import twocam
+from upm_jax.data.table import ReidDataset
+
+LAYOUT = twocam.TwoCamLayout(
+    name="prid2011",
+    candidates=("multi_shot", os.path.join("prid_2011", "multi_shot"), ""),
+    cameras=("cam_a", "cam_b"),
+    person_re=r"person_(\d+)",
+    default_split_file=os.path.join(twocam.SPLITS_DIR, "prid2011_splits.json"),
+    expected=("  ROOT/multi_shot/cam_a/person_0001/0001.png ...\n"
+              "  ROOT/multi_shot/cam_b/person_0001/0001.png ...\n"
+              "(ROOT = the extracted prid_2011 folder; ROOT/cam_a, ROOT/cam_b also accepted)"),
+)
+
+
+def load(root: str, *, split: int = 1, split_file: str | None = None) -> ReidDataset:
+    """Reads PRID2011 under split `split` of `split_file` (default: the official splits)."""
+    return twocam.read(LAYOUT, root, split, split_file)
