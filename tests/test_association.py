@@ -335,12 +335,13 @@ def test_from_features_is_per_tracklet_mean_of_normalised_features():
     feats = np.array([[[3, 4]], [[0, 2]], [[5, 0]], [[0, 0]]], np.float32)
     track = np.array([0, 0, 1, 0])
     camera = np.array([0, 0, 0, 1])
-    mem = AnchorMemory.from_features(feats, track, camera, (3, 1))
+    mem = AnchorMemory.from_features(AnchorMemory.zeros((3, 1), 1, 2), feats, track, camera)
     # row0 = mean([.6,.8], [0,1]) = [.3, .9]; row1 = [1, 0]; row2 no frames -> 0; row3 zero frame -> 0
     exp = np.array([[[0.3, 0.9], [1, 0], [0, 0], [0, 0]]])
     np.testing.assert_allclose(mem.intra, exp, atol=1e-7)
     np.testing.assert_allclose(mem.cross, exp, atol=1e-7)
     assert mem.offsets == (0, 3) and mem.tracklets_per_camera == (3, 1) and mem.num_cameras == 2
+    assert mem.intra.unsafe_buffer_pointer() != mem.cross.unsafe_buffer_pointer()
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -354,6 +355,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="tracklets_per_camera"):
         AnchorMemory.zeros((2, 0), 1, 4)
     with pytest.raises(ValueError, match="track value 2 of camera 1"):
-        AnchorMemory.from_features(np.zeros((2, 1, 4)), [0, 2], [0, 1], (2, 2))
+        mem.from_features(np.zeros((2, 2, 4)), [0, 2], [0, 1])
     with pytest.raises(ValueError, match="camera value 2"):
-        AnchorMemory.from_features(np.zeros((2, 1, 4)), [0, 0], [0, 2], (2, 2))
+        mem.from_features(np.zeros((2, 2, 4)), [0, 0], [0, 2])
+    with pytest.raises(ValueError, match=r"features must be \[N, 2, 4\]"):
+        mem.from_features(np.zeros((2, 1, 4)), [0, 0], [0, 1])

@@ -97,36 +97,39 @@ class AnchorMemory:
         return cls(intra=jnp.zeros(shape, jnp.float32), cross=jnp.zeros(shape, jnp.float32),
                    offsets=_offsets(sizes))
 
-    @classmethod
-    def from_features(cls, features, track, camera, tracklets_per_camera: Sequence[int]) -> "AnchorMemory":
-        """Anchors from a first pass over the training frames.
+    def from_features(self, features, track, camera) -> "AnchorMemory":
+        """This memory with its anchors initialised from a first pass over the training frames.
 
         features [N, P, D] (raw model output), track [N] (0-based within camera),
-        camera [N] (0-based). Each tracklet's intra and cross anchors are set to the
-        mean of its frames' L2-normalised features (per part); tracklets without
-        frames stay at zero. (The originals loaded externally extracted features for
-        this option; the per-tracklet mean is our documented choice.)
+        camera [N] (0-based); P, D and the cameras' tracklet counts come from this
+        memory. Each tracklet's intra and cross anchors become the mean of its frames'
+        L2-normalised features (per part); tracklets without frames are zero. (The
+        originals loaded externally extracted features for this option; the
+        per-tracklet mean is our documented choice.) Call as
+        ``AnchorMemory.from_features(memory, features, track, camera)`` or
+        ``memory.from_features(features, track, camera)``.
         """
-        sizes = _check_sizes(tracklets_per_camera)
+        sizes = self.tracklets_per_camera
+        num_parts, total, dim = self.intra.shape
         features = np.asarray(features, np.float32)
         track = np.asarray(track)
         camera = np.asarray(camera)
-        if features.ndim != 3:
-            raise ValueError(f"AnchorMemory.from_features: features must be [N, P, D], got shape {features.shape}")
+        if features.ndim != 3 or features.shape[1:] != (num_parts, dim):
+            raise ValueError(f"AnchorMemory.from_features: features must be [N, {num_parts}, {dim}] "
+                             f"to match the memory, got shape {features.shape}")
         n = features.shape[0]
         if track.shape != (n,) or camera.shape != (n,):
             raise ValueError(f"AnchorMemory.from_features: track {track.shape} and camera {camera.shape} "
                              f"must both be [{n}] to match features {features.shape}")
         _check_ids(track, camera, sizes, "AnchorMemory.from_features")
-        offsets = _offsets(sizes)
-        rows = np.asarray(offsets, np.int64)[camera] + track  # [N]
+        rows = np.asarray(self.offsets, np.int64)[camera] + track  # [N]
         normed = l2_normalize(jnp.asarray(features))  # [N, P, D]
-        total = sum(sizes)
         sums = jax.ops.segment_sum(normed, jnp.asarray(rows), num_segments=total)  # [T, P, D]
         counts = np.bincount(rows, minlength=total).astype(np.float32)  # [T]
         mean = sums / jnp.maximum(jnp.asarray(counts), 1.0)[:, None, None]
         table = jnp.transpose(mean, (1, 0, 2)).astype(jnp.float32)  # [P, T, D]
-        return cls(intra=table, cross=table, offsets=offsets)
+        # two distinct buffers: the train step donates the memory, and a buffer may not be donated twice
+        return self.replace(intra=table, cross=jnp.array(table, copy=True))
 
 
 def _check_sizes(tracklets_per_camera) -> tuple:
