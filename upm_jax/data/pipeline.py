@@ -200,3 +200,6 @@ def test_batches(table: FrameTable, *, batch_size: int, image_size: int,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+test_batches.__test__ = False  # a library function, not a pytest test, when imported into tests

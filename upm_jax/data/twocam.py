@@ -89,27 +89,27 @@ def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: st
     return [os.path.join(folder, n) for n in names]
 
 
-def _explain_mismatch(data: dict, counts: dict, cam: int, path: str) -> str:
+def _explain_mismatch(data: dict, counts: dict, cam: int, cam_name: str) -> str:
     """Names the person folders whose counts explain the per-split total differences."""
-    lines, residual = [], {}
+    lines, residual = [f"{cam_name} (camera{cam + 1}):"], {}
     for s in data["splits"]:
         for part in PARTS:
             found = sum(counts[p][cam] for p in s[part])
             want = s[f"{part}_frames"][f"camera{cam + 1}"]
             if found != want:
                 residual[(s["split"], part)] = found - want
-                lines.append(f"split {s['split']} {part}: {found} frames on disk, {want} expected")
+                lines.append(f"  split {s['split']} {part}: {found} frames on disk, {want} expected")
     suspects = None
     for (k, part), _ in residual.items():
         members = set(next(s for s in data["splits"] if s["split"] == k)[part])
         suspects = members if suspects is None else suspects & members
     if suspects:
         deltas = set(residual.values())
-        note = (f"the person folder(s) whose frame count differs (by {deltas.pop():+d}): "
-                if len(deltas) == 1 else "person folders common to every differing total: ")
+        note = (f"  the person folder(s) whose frame count differs (by {deltas.pop():+d}): "
+                if len(deltas) == 1 else "  person folders common to every differing total: ")
         lines.append(note + common.name_list(sorted(suspects)))
     else:
-        lines.append("more than one person folder differs; per-person counts on disk: "
+        lines.append("  more than one person folder differs; per-person counts on disk: "
                      + common.name_list(f"{p}={c[cam]}" for p, c in sorted(counts.items())))
     return "\n  ".join(lines)
 
@@ -136,8 +136,12 @@ def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None) ->
     missing = [os.path.join(cam, p) for cam, d in zip(layout.cameras, cam_dirs) for p in persons
                if not os.path.isdir(os.path.join(d, p))]
     if missing:
+        own = [os.path.join(d, f"{layout.name}_splits.json") for d in (root, base)]
+        own = [p for p in own if os.path.isfile(p) and os.path.abspath(p) != os.path.abspath(path)]
+        hint = f" (this folder has its own split file: {own[0]})" if own else ""
         raise DatasetError(f"{layout.name}: person folders listed in {path} are missing under "
-                           f"{base}: {common.name_list(missing)}")
+                           f"{base}: {common.name_list(missing)}; for a partial copy or another "
+                           f"set, give a split file listing its persons{hint}")
     frames = {p: [_person_frames(layout, d, c, p) for c, d in zip(layout.cameras, cam_dirs)]
               for p in persons}
     empty = [os.path.join(c, p) for p in persons for c, f in zip(layout.cameras, frames[p])
@@ -146,7 +150,7 @@ def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None) ->
         raise DatasetError(f"{layout.name}: person folders without frames under {base}: "
                            f"{common.name_list(empty)}")
     counts = {p: [len(f) for f in frames[p]] for p in persons}
-    problems = [_explain_mismatch(data, counts, cam, path) for cam in (0, 1)
+    problems = [_explain_mismatch(data, counts, cam, layout.cameras[cam]) for cam in (0, 1)
                 if any(sum(counts[p][cam] for p in s[part]) != s[f"{part}_frames"][f"camera{cam + 1}"]
                        for s in data["splits"] for part in PARTS)]
     if problems:

@@ -1,0 +1,173 @@
+"""Input pipeline: TF1 resize, deterministic batches, replay, sharding, resident data, test stream."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from PIL import Image
+
+from upm_jax.data import (DatasetError, TrainInput, batch_indices, load_dataset, load_resident,
+                          resident_batches, synthetic, test_batches)
+from upm_jax.data import images
+
+IMAGE_SIZE = 32  # frames of 16x8 are upsampled to 32x16
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    info = synthetic.generate("prid2011", str(tmp_path_factory.mktemp("p") / "root"), ids=8,
+                              seed=3, frames=(3, 6), size=(16, 8))
+    return load_dataset("prid2011", info["root"], split_file=info["split_file"])
+
+
+def _mesh(n):
+    return Mesh(np.array(jax.devices()[:n]), ("data",))
+
+
+def test_resize_matches_hand_computed_tf1_values():
+    # 2x3 -> 3x4. Rows: source y = 0, 2/3, 4/3 -> (row0), (row0 + 2/3 (row1 - row0)), (row1 clamped).
+    # Columns: source x = 0, .75, 1.5, 2.25 -> c0, c0 + .75 (c1 - c0), c1 + .5 (c2 - c1), c2 (clamped).
+    x = np.array([[0, 10, 20], [30, 40, 50]], np.float32)[..., None]
+    out = images.resize_bilinear_tf1(x, 3, 4)[..., 0]
+    expected = np.array([[0.0, 7.5, 15.0, 20.0],
+                         [20.0, 27.5, 35.0, 40.0],
+                         [30.0, 37.5, 45.0, 50.0]])
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    assert images.to_uint8(out).tolist() == [[0, 8, 15, 20], [20, 28, 35, 40], [30, 38, 45, 50]]
+    # 4x4 -> 2x2 samples source pixels 0 and 2 exactly (no half-pixel centres, no averaging)
+    y = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    assert images.resize_bilinear_tf1(y, 2, 2)[..., 0].tolist() == [[0.0, 2.0], [8.0, 10.0]]
+    # 2x2 -> 4x4 upsampling: source 0, .5, 1, 1.5(clamped to 1)
+    z = np.array([[0, 100], [200, 40]], np.float32)[..., None]
+    np.testing.assert_allclose(images.resize_bilinear_tf1(z, 4, 4)[..., 0],
+                               [[0, 50, 100, 100], [100, 85, 70, 70],
+                                [200, 120, 40, 40], [200, 120, 40, 40]], atol=1e-4)
+
+
+def test_resize_matches_tensorflow_v1_bit_exactly():
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    for h, w, oh, ow in ((16, 8, 32, 16), (37, 23, 64, 32), (50, 30, 20, 10)):
+        x = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        ref = tf.compat.v1.image.resize_bilinear(x[None].astype(np.float32), (oh, ow),
+                                                 align_corners=False,
+                                                 half_pixel_centers=False).numpy()[0]
+        assert np.array_equal(images.resize_bilinear_tf1(x, oh, ow), ref)
+
+
+def test_decode_resize_png_and_jpeg(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (16, 8, 3)).astype(np.uint8)
+    png = str(tmp_path / "a.png")
+    Image.fromarray(x).save(png)
+    out = images.decode_resize(png, 32, 16)
+    assert out.dtype == np.uint8 and out.shape == (32, 16, 3)
+    assert np.array_equal(out, images.to_uint8(images.resize_bilinear_tf1(x, 32, 16)))
+    assert np.array_equal(images.decode_resize(png, 16, 8), x)
+    jpg = str(tmp_path / "a.jpg")
+    Image.fromarray(x).convert("L").save(jpg)  # greyscale files become 3 channels
+    assert images.decode_resize(jpg, 32, 16).shape == (32, 16, 3)
+    with pytest.raises(DatasetError, match=r"cannot decode image .*missing.png"):
+        images.decode(str(tmp_path / "missing.png"))
+
+
+def test_batch_indices_is_a_pure_function_of_seed_and_step():
+    a = batch_indices(5, 17, 1000, 64)
+    assert np.array_equal(a, batch_indices(5, 17, 1000, 64))
+    assert not np.array_equal(a, batch_indices(5, 18, 1000, 64))
+    assert not np.array_equal(a, batch_indices(6, 17, 1000, 64))
+    assert a.shape == (64,) and a.min() >= 0 and a.max() < 1000
+    # uniform over frames: every frame of a small table shows up over a few steps
+    seen = np.concatenate([batch_indices(0, s, 10, 64) for s in range(5)])
+    assert np.array_equal(np.unique(seen), np.arange(10))
+    with pytest.raises(ValueError, match="seed and step must be >= 0"):
+        batch_indices(-1, 0, 10, 4)
+
+
+def test_train_input_replays_and_matches_across_instances(ds):
+    mesh = _mesh(8)
+    kw = dict(global_batch=16, image_size=IMAGE_SIZE, seed=11, mesh=mesh)
+    first = TrainInput(ds.train, **kw).iterate(0)
+    run = [next(first) for _ in range(4)]
+    first.close()
+    restarted = TrainInput(ds.train, **kw).iterate(2)
+    again = [next(restarted) for _ in range(2)]
+    restarted.close()
+    for s, batch in zip((2, 3), again):
+        for k in ("image", "track", "camera"):
+            assert np.array_equal(np.asarray(batch[k]), np.asarray(run[s][k]))
+    b = run[1]
+    assert b["image"].shape == (16, 32, 16, 3) and b["image"].dtype == np.uint8
+    assert b["track"].dtype == np.int32 and b["camera"].dtype == np.int32
+    assert b["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert len(b["image"].addressable_shards) == 8
+    rows = batch_indices(11, 1, ds.train.num_frames, 16)
+    assert np.array_equal(np.asarray(b["track"]), ds.train.track[rows])
+    assert np.array_equal(np.asarray(b["camera"]), ds.train.camera[rows])
+    expected = np.stack([images.decode_resize(p, 32, 16) for p in ds.train.path[rows]])
+    assert np.array_equal(np.asarray(b["image"]), expected)
+
+
+def test_train_input_mesh_size_cache_and_process_slices(ds):
+    kw = dict(global_batch=8, image_size=IMAGE_SIZE, seed=2)
+    one = TrainInput(ds.train, mesh=_mesh(1), **kw).iterate(5)
+    cached = TrainInput(ds.train, mesh=_mesh(4), cache=True, **kw).iterate(5)
+    for _ in range(3):
+        x, y = next(one), next(cached)
+        assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+    one.close()
+    cached.close()
+    full = TrainInput(ds.train, mesh=_mesh(2), process_index=0, process_count=1, **kw).host_batch(9)
+    halves = [TrainInput(ds.train, mesh=_mesh(2), process_index=i, process_count=2,
+                         **kw).host_batch(9) for i in (0, 1)]
+    for k in ("image", "track", "camera"):
+        assert np.array_equal(np.concatenate([h[k] for h in halves]), full[k])
+    with pytest.raises(ValueError, match="divisible by the 8 devices"):
+        TrainInput(ds.train, mesh=_mesh(8), global_batch=12, image_size=32, seed=0)
+
+
+def test_resident_data_and_index_batches(ds):
+    mesh = _mesh(4)
+    res = load_resident(ds.train, IMAGE_SIZE, mesh)
+    assert res["image"].shape == (ds.train.num_frames, 32, 16, 3)
+    assert res["image"].sharding.is_fully_replicated
+    assert np.array_equal(np.asarray(res["track"]), ds.train.track)
+    assert np.array_equal(np.asarray(res["camera"]), ds.train.camera)
+    assert np.array_equal(np.asarray(res["image"][7]), images.decode_resize(ds.train.path[7], 32, 16))
+    gen = resident_batches(ds.train.num_frames, global_batch=8, seed=4, mesh=mesh, start_step=3)
+    idx = next(gen)["index"]
+    assert idx.dtype == np.int32 and idx.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert np.array_equal(np.asarray(idx), batch_indices(4, 3, ds.train.num_frames, 8))
+    host = TrainInput(ds.train, global_batch=8, image_size=IMAGE_SIZE, seed=4, mesh=mesh).host_batch(3)
+    assert np.array_equal(np.asarray(res["image"])[np.asarray(idx)], host["image"])
+
+
+def test_test_batches_cover_every_frame_once(ds):
+    n = ds.test.num_frames
+    batches = list(test_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE))
+    assert len(batches) == -(-n // 16)
+    index = np.concatenate([b["index"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert np.array_equal(index[valid], np.arange(n))
+    assert valid.sum() == n and not valid[n:].any() and (index[~valid] == -1).all()
+    last = batches[-1]
+    assert last["image"].shape == (16, 32, 16, 3)
+    assert (last["image"][~last["valid"]] == 0).all()
+    assert np.array_equal(batches[0]["image"][5], images.decode_resize(ds.test.path[5], 32, 16))
+    parts = [list(test_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE, process_index=i,
+                               process_count=2)) for i in (0, 1)]
+    merged = np.concatenate([np.concatenate([a["index"], b["index"]]) for a, b in zip(*parts)])
+    assert np.array_equal(merged, index)
+
+
+def test_pipeline_names_a_corrupt_frame(ds, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    table = ds.train.select_tracklets(np.arange(ds.train.num_tracklets) == 0)
+    table = dataclasses.replace(table, path=np.array([str(bad)] * table.num_frames))
+    with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
+        list(test_batches(table, batch_size=4, image_size=IMAGE_SIZE))
+    with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
+        next(TrainInput(table, global_batch=4, image_size=IMAGE_SIZE, seed=0,
+                        mesh=_mesh(1)).iterate(0))
