@@ -1,0 +1,105 @@
+"""CLI smoke tests, pictures, and the import-without-JAX guarantee."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from upm_jax.evaluation import load_features, plot_cmc, plot_montage, rank_lists, save_features
+from upm_jax.evaluation.__main__ import main
+from upm_jax.evaluation.benchmark import synthetic_mars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _small(tmp_path, name="small.npz", seed=0):
+    f = synthetic_mars(parts=2, dim=16, seed=seed, tracklets=300, queries=60, ids=25,
+                       distractors=60, junk=20, signal=2.0)
+    path = tmp_path / name
+    save_features(path, **f)
+    return path
+
+
+def test_import_does_not_pull_in_jax_or_tensorflow():
+    code = ("import sys\n"
+            "import upm_jax.evaluation, upm_jax.evaluation.__main__, upm_jax.evaluation.benchmark\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'tensorflow', 'keras', 'tensorflow_datasets'))\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_table_json_and_plot(tmp_path, capsys):
+    a, b = _small(tmp_path, "split1.npz", 0), _small(tmp_path, "split2.npz", 1)
+    out_json, out_png = tmp_path / "r.json", tmp_path / "cmc.png"
+    assert main([str(a), str(b), "--json", str(out_json), "--plot", str(out_png)]) == 0
+    table = capsys.readouterr().out
+    assert "split1.npz" in table and "split2.npz" in table and "mean of 2" in table
+    result = json.loads(out_json.read_text())
+    assert result["options"] == {"ap": "both", "distance": "euclidean", "pooling": None, "rerank": False}
+    assert len(result["splits"]) == 2
+    mean_r1 = np.mean([s["paper"]["rank1"] for s in result["splits"]])
+    assert result["mean"]["paper"]["rank1"] == pytest.approx(mean_r1)
+    assert len(result["splits"][0]["paper"]["cmc"]) == 300
+    assert set(result["mean"]["standard"]) >= {"rank1", "rank5", "rank10", "rank20", "mAP", "mINP", "cmc"}
+    assert out_png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_options_and_errors(tmp_path, capsys):
+    a = _small(tmp_path)
+    assert main([str(a), "--ap", "standard", "--distance", "cosine", "--rerank"]) == 0
+    table = capsys.readouterr().out
+    assert "standard" in table and "paper" not in table
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    assert main([str(tmp_path / "bad.npz")]) == 2
+    assert "cannot read as an .npz" in capsys.readouterr().err
+
+
+def test_cli_runs_as_module(tmp_path):
+    a = _small(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "upm_jax.evaluation", str(a), "--ap", "paper"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    assert "paper" in out.stdout and "rank1" in out.stdout
+
+
+def test_montage_and_rank_lists(tmp_path, capsys):
+    path = _small(tmp_path)
+    f = load_features(path)
+    lines = []
+    for t in range(f["pid"].shape[0]):
+        img = tmp_path / f"t{t}.png"
+        Image.new("RGB", (8, 16), (t % 256, 0, 0)).save(img)
+        lines.append(img.name)
+    (tmp_path / "paths.txt").write_text("\n".join(lines))
+    ranked = rank_lists(f, [0, 3], k=5)
+    assert len(ranked) == 2 and ranked[0][0] == int(f["query"][0])
+    for q, gal, match in ranked:
+        assert len(gal) == 5
+        np.testing.assert_array_equal(match, f["pid"][gal] == f["pid"][q])
+        junk = (f["pid"][gal] == -1) | ((f["pid"][gal] == f["pid"][q]) & (f["cam"][gal] == f["cam"][q]))
+        assert not junk.any()
+    out_png = tmp_path / "montage.png"
+    assert main([str(path), "--montage", str(out_png), "--paths", str(tmp_path / "paths.txt"),
+                 "--queries", "0,3", "--topk", "5"]) == 0
+    capsys.readouterr()
+    with Image.open(out_png) as im:
+        assert im.size[0] > 6 * 64 and im.size[1] > 2 * 128
+    direct = tmp_path / "direct.png"
+    plot_montage([str(tmp_path / n) for n in lines], ranked, direct)
+    assert direct.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="query positions"):
+        rank_lists(f, [60])
+
+
+def test_plot_cmc_several_runs(tmp_path):
+    out = tmp_path / "c.png"
+    plot_cmc({"a": [10.0, 50.0, 90.0], "b": [20.0, 30.0, 100.0]}, out)
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]

@@ -1,0 +1,214 @@
+"""The features file: reading, writing and validating it.
+
+A features file is an uncompressed ``.npz`` holding either per-frame features
+(``frame_feat`` [N, P, D] with ``frame_track`` [N]) or per-tracklet features
+(``track_feat`` [T, P, D]), plus ``pid`` [T], ``cam`` [T] (1-based), ``query`` [Q]
+and ``gallery`` [G] (tracklet indices) and optionally ``pooling`` ("max"/"mean").
+Large feature members are memory-mapped straight out of the zip archive, so
+pooling 681,089 frames never holds them all in memory.
+"""
+import os
+import struct
+import tempfile
+import zipfile
+
+import numpy as np
+
+FEATURE_KEYS = ("frame_feat", "track_feat")
+REQUIRED_KEYS = ("pid", "cam", "query", "gallery")
+OPTIONAL_KEYS = ("frame_feat", "frame_track", "track_feat", "pooling")
+ALLOWED_KEYS = frozenset(REQUIRED_KEYS + OPTIONAL_KEYS)
+POOLINGS = ("max", "mean")
+_FINITE_CHUNK_BYTES = 64 << 20
+
+
+class FeaturesError(ValueError):
+    """A features file or dict is malformed; the message names the array and the problem."""
+
+
+def _fail(source, name, problem):
+    where = f"{source}: " if source else ""
+    raise FeaturesError(f"{where}array '{name}': {problem}")
+
+
+def _check_int(source, name, a, ndim=1):
+    if not isinstance(a, np.ndarray):
+        _fail(source, name, f"expected a numpy array, got {type(a).__name__}")
+    if a.ndim != ndim:
+        _fail(source, name, f"expected {ndim} dimension(s), got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        _fail(source, name, f"expected an integer dtype, got {a.dtype}")
+
+
+def _check_float(source, name, a):
+    if not isinstance(a, np.ndarray):
+        _fail(source, name, f"expected a numpy array, got {type(a).__name__}")
+    if a.ndim != 3:
+        _fail(source, name, f"expected shape [rows, P, D] (3 dimensions), got shape {a.shape}")
+    if a.dtype.kind != "f":
+        _fail(source, name, f"expected a floating dtype (float16/32/64), got {a.dtype}")
+    if a.shape[1] < 1 or a.shape[2] < 1:
+        _fail(source, name, f"expected P >= 1 and D >= 1, got shape {a.shape}")
+
+
+def check_finite(name, a, source=""):
+    """Raise FeaturesError if `a` holds NaN or inf; scans in chunks (memmap friendly)."""
+    rows = max(1, _FINITE_CHUNK_BYTES // max(1, a[0:1].nbytes)) if a.shape[0] else 1
+    for start in range(0, a.shape[0], rows):
+        chunk = np.asarray(a[start:start + rows])
+        if not np.isfinite(chunk).all():
+            bad = start + int(np.nonzero(~np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1))[0][0])
+            _fail(source, name, f"contains NaN or inf (first at row {bad})")
+
+
+def validate_features(arrays, source="", check_frame_values=True):
+    """Check keys, dtypes, ranks, lengths, index ranges and finiteness of a features dict.
+
+    `check_frame_values=False` skips the NaN/inf scan and the frame_track range check of
+    the per-frame arrays (pooling streams through them and checks them chunk by chunk).
+    Returns the number of tracklets T.
+    """
+    unknown = sorted(set(arrays) - ALLOWED_KEYS)
+    if unknown:
+        raise FeaturesError(f"{source + ': ' if source else ''}unknown key(s) {unknown}; "
+                            f"allowed keys are {sorted(ALLOWED_KEYS)}")
+    for key in REQUIRED_KEYS:
+        if key not in arrays:
+            _fail(source, key, "missing (required)")
+    has_frame, has_track = "frame_feat" in arrays, "track_feat" in arrays
+    if has_frame == has_track:
+        raise FeaturesError(f"{source + ': ' if source else ''}expected exactly one of 'frame_feat' "
+                            f"(with 'frame_track') or 'track_feat', got "
+                            f"{'both' if has_frame else 'neither'}")
+    if has_frame != ("frame_track" in arrays):
+        _fail(source, "frame_track", "must be given together with 'frame_feat' (and only then)")
+    pid, cam = arrays["pid"], arrays["cam"]
+    _check_int(source, "pid", pid)
+    _check_int(source, "cam", cam)
+    t = pid.shape[0]
+    if t == 0:
+        _fail(source, "pid", "is empty (no tracklets)")
+    if cam.shape[0] != t:
+        _fail(source, "cam", f"length {cam.shape[0]} does not match 'pid' length {t}")
+    if pid.min() < -1:
+        _fail(source, "pid", f"values must be >= -1 (-1 junk, 0 distractor), found {pid.min()}")
+    if cam.min() < 1:
+        _fail(source, "cam", f"cameras are 1-based, found {cam.min()}")
+    for key in ("query", "gallery"):
+        idx = arrays[key]
+        _check_int(source, key, idx)
+        if idx.shape[0] == 0:
+            _fail(source, key, "is empty")
+        if idx.min() < 0 or idx.max() >= t:
+            _fail(source, key, f"indices must lie in [0, {t}) (T = len(pid)), found range "
+                               f"[{idx.min()}, {idx.max()}]")
+        if np.unique(idx).shape[0] != idx.shape[0]:
+            _fail(source, key, "contains duplicate tracklet indices")
+    if has_track:
+        feat = arrays["track_feat"]
+        _check_float(source, "track_feat", feat)
+        if feat.shape[0] != t:
+            _fail(source, "track_feat", f"has {feat.shape[0]} rows but 'pid' has length {t}")
+        check_finite("track_feat", feat, source)
+    else:
+        feat, track = arrays["frame_feat"], arrays["frame_track"]
+        _check_float(source, "frame_feat", feat)
+        _check_int(source, "frame_track", track)
+        if track.shape[0] != feat.shape[0]:
+            _fail(source, "frame_track", f"length {track.shape[0]} does not match 'frame_feat' rows "
+                                         f"{feat.shape[0]}")
+        if feat.shape[0] == 0:
+            _fail(source, "frame_feat", "has no frames")
+        if check_frame_values:
+            if track.min() < 0 or track.max() >= t:
+                _fail(source, "frame_track", f"indices must lie in [0, {t}), found range "
+                                             f"[{track.min()}, {track.max()}]")
+            check_finite("frame_feat", feat, source)
+    if "pooling" in arrays:
+        pooling = arrays["pooling"]
+        if not (isinstance(pooling, (str, np.ndarray)) and np.ndim(pooling) == 0
+                and str(pooling) in POOLINGS):
+            _fail(source, "pooling", f"expected a scalar string in {POOLINGS}, got {pooling!r}")
+    return t
+
+
+def save_features(path, **arrays):
+    """Validate `arrays` and write them as an uncompressed .npz, atomically (temp file + rename)."""
+    arrays = {k: (np.asarray(v) if k == "pooling" else v) for k, v in arrays.items()}
+    validate_features(arrays, source=os.fspath(path))
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npz.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _member_memmap(path, info):
+    """Memory-map one uncompressed .npy member of a zip archive, or None if impossible."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        if dtype.hasobject or int(np.prod(shape)) == 0:
+            return None
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C")
+
+
+def load_features(path, *, mmap=True):
+    """Read and validate a features file; returns a dict of arrays.
+
+    Uncompressed feature members (what `save_features` writes) come back memory-mapped;
+    everything else is read normally, never with pickle. Per-frame NaN/inf and
+    frame_track range are checked by `pool_tracklets` while it streams the frames.
+    """
+    source = os.fspath(path)
+    try:
+        archive = zipfile.ZipFile(source)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise FeaturesError(f"{source}: cannot read as an .npz archive ({e})") from None
+    with archive:
+        infos = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i
+                 for i in archive.infolist()}
+    unknown = sorted(set(infos) - ALLOWED_KEYS)
+    if unknown:
+        raise FeaturesError(f"{source}: unknown key(s) {unknown}; allowed keys are "
+                            f"{sorted(ALLOWED_KEYS)}")
+    arrays = {}
+    with np.load(source, allow_pickle=False) as npz:
+        for name, info in infos.items():
+            value = None
+            if mmap and name in FEATURE_KEYS:
+                value = _member_memmap(source, info)
+            if value is None:
+                try:
+                    value = npz[name]
+                except ValueError as e:
+                    raise FeaturesError(f"{source}: array '{name}': cannot be read without pickle "
+                                        f"({e})") from None
+            arrays[name] = value
+    if "pooling" in arrays:
+        pooling = arrays["pooling"]
+        arrays["pooling"] = str(pooling) if pooling.ndim == 0 and pooling.dtype.kind == "U" else pooling
+    validate_features(arrays, source=source, check_frame_values=False)
+    return arrays

@@ -1,0 +1,187 @@
+"""Distances, stable ranking, CMC and mAP in the paper (MATLAB) and standard modes.
+
+Every query ranks the gallery by distance with ties kept in gallery order. Per query and
+gallery entry a category is derived: *good* (same pid, other camera, pid != -1), *junk*
+(pid -1, or same pid in the query's camera) or *other*. Ranks are 1-based positions
+among the entries that are not skipped.
+
+- paper mode: the gallery as given (it may contain the queries); junk skipped; MARS
+  trapezoid AP with P_0 = 1; every query counted (a query without any good entry has
+  AP 0 and never hits).
+- standard mode: additionally the gallery entries that are queries are skipped; queries
+  without any good entry are left out; AP = mean precision at the hits; mINP.
+"""
+import os
+
+import numpy as np
+
+from upm_jax.evaluation.distances import DISTANCES, pairwise_distances
+from upm_jax.evaluation.features import load_features, validate_features
+from upm_jax.evaluation.pooling import tracklet_features
+from upm_jax.evaluation.rerank import k_reciprocal_distances
+
+AP_MODES = ("paper", "standard")
+RANKS = (1, 5, 10, 20)
+_LOW_BITS = 3  # key low bits: bit0 good, bit1 junk, bit2 gallery entry is a query
+_MAX_GALLERY = 1 << (32 - _LOW_BITS)
+_BLOCK_ELEMENTS = 1 << 22  # query-block size x gallery size per ranking step
+
+
+def _hit_ranks(skip, hit):
+    """Rows and 1-based ranks among non-skipped entries of the hits in a sorted block."""
+    rows, cols = np.nonzero(hit)
+    g = hit.shape[1]
+    skip_flat = np.flatnonzero(skip)
+    hit_flat = rows * g + cols
+    before = np.searchsorted(skip_flat, hit_flat) - np.searchsorted(skip_flat, rows * g)
+    return rows, cols - before + 1
+
+
+class _Ranker:
+    """Sorts query blocks and collects the ranks of the good entries for both modes."""
+
+    def __init__(self, q_pid, q_cam, g_pid, g_cam, g_is_query):
+        g = g_pid.shape[0]
+        if g >= _MAX_GALLERY:
+            raise ValueError(f"gallery has {g} entries; at most {_MAX_GALLERY - 1} are supported")
+        self.q_pid, self.q_cam = q_pid, q_cam
+        self.g_pid, self.g_cam = g_pid[None, :], g_cam[None, :]
+        self.g_junk = (g_pid == -1)[None, :]
+        self.low = ((np.arange(g, dtype=np.uint64) << np.uint64(_LOW_BITS))
+                    | (g_is_query.astype(np.uint64) << np.uint64(2)))  # [G]
+        self.hits = {m: ([], []) for m in AP_MODES}
+
+    def add(self, start, dist):
+        """Rank queries start..start+len(dist)-1 given their distances [b, G] to the gallery."""
+        b = dist.shape[0]
+        qp = self.q_pid[start:start + b, None]
+        qc = self.q_cam[start:start + b, None]
+        same = self.g_pid == qp  # [b, G]
+        same_cam = self.g_cam == qc
+        junk = (same & same_cam) | self.g_junk
+        good = same & ~same_cam & ~self.g_junk
+        cat = good.view(np.uint8) | (junk.view(np.uint8) << 1)  # [b, G]
+        dist = np.maximum(dist, 0.0)  # also turns -0.0 into +0.0 so equal distances tie
+        key = dist.view(np.uint32).astype(np.uint64)
+        key <<= np.uint64(32)
+        key |= self.low
+        key |= cat
+        key.sort(axis=1)  # unique keys: distance, then gallery position -> a stable ranking
+        low_byte = key.view(np.uint8)[:, 0::8] if np.little_endian else key.view(np.uint8)[:, 7::8]
+        c = low_byte & 7  # [b, G] category bits in ranked order
+        paper_hit = (c & 3) == 1
+        paper_skip = (c & 3) == 2
+        for mode, skip, hit in (("paper", paper_skip, paper_hit),
+                                ("standard", paper_skip | (c >= 4), paper_hit & (c < 4))):
+            rows, ranks = _hit_ranks(skip, hit)
+            self.hits[mode][0].append(rows + start)
+            self.hits[mode][1].append(ranks)
+
+
+def _summary(n_query, rows, ranks, length, mode):
+    """CMC / mAP (/ mINP) from the hit ranks of every query (rows sorted, ranks ascending)."""
+    n_good = np.bincount(rows, minlength=n_query)
+    first = np.cumsum(n_good) - n_good
+    ordinal = np.arange(rows.shape[0]) - first[rows] + 1  # i-th hit of its query
+    r = ranks.astype(np.float64)
+    prec = ordinal / r
+    if mode == "paper":
+        prev = np.where(ranks > 1, (ordinal - 1) / np.maximum(r - 1, 1), 1.0)
+        contrib = 0.5 * (prev + prec)
+    else:
+        contrib = prec
+    has = n_good > 0
+    ap = np.bincount(rows, contrib / n_good[rows], minlength=n_query)
+    first_rank = np.full(n_query, length + 1, dtype=np.int64)
+    first_rank[has] = ranks[first[has]]
+    counted = np.ones(n_query, bool) if mode == "paper" else has
+    n_counted = int(counted.sum())
+    if n_counted == 0:
+        raise ValueError(f"{mode} mode: no query has a valid match in the gallery")
+    hist = np.bincount(first_rank[counted] - 1, minlength=length + 1)[:length]
+    cmc = np.cumsum(hist) * (100.0 / n_counted)
+    out = {f"rank{k}": float(cmc[min(k, length) - 1]) for k in RANKS}
+    out["mAP"] = float(100.0 * ap[counted].mean())
+    if mode == "standard":
+        last = np.cumsum(n_good) - 1
+        inp = n_good[has] / ranks[last[has]]
+        out["mINP"] = float(100.0 * inp.mean())
+    out["num_queries"] = n_counted
+    out["gallery_size"] = int(length)
+    out["cmc"] = [float(v) for v in cmc]
+    return out
+
+
+def _modes(ap):
+    if ap == "both":
+        return AP_MODES
+    if ap in AP_MODES:
+        return (ap,)
+    raise ValueError(f"ap must be 'paper', 'standard' or 'both', got {ap!r}")
+
+
+def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling=None):
+    """Evaluate a features dict (see `load_features`); returns {mode: metrics}.
+
+    metrics: rank1/5/10/20, mAP (and mINP in standard mode) in percent, `cmc` (whole
+    curve, percent), `num_queries` (queries counted) and `gallery_size` (entries ranked).
+    `rerank=True` applies k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) first.
+    """
+    modes = _modes(ap)
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if pooling not in (None, "max", "mean"):
+        raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
+    validate_features(features, check_frame_values=False)
+    feat = tracklet_features(features, pooling=pooling)  # [T, F]
+    pid = np.asarray(features["pid"]).astype(np.int64)
+    cam = np.asarray(features["cam"]).astype(np.int64)
+    query = np.asarray(features["query"]).astype(np.int64)
+    gallery = np.asarray(features["gallery"]).astype(np.int64)
+    g_is_query = np.isin(gallery, query)
+    ranker = _Ranker(pid[query], cam[query], pid[gallery], cam[gallery], g_is_query)
+    n_q, n_g = query.shape[0], gallery.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // n_g)
+    if rerank:
+        dist = k_reciprocal_distances(feat, query, gallery, distance=distance)
+        for s in range(0, n_q, block):
+            ranker.add(s, dist[s:s + block])
+    else:
+        g_feat = np.ascontiguousarray(feat[gallery])  # [G, F]
+        g_sq = np.einsum("mf,mf->m", g_feat, g_feat)
+        q_feat = np.ascontiguousarray(feat[query])  # [Q, F]
+        for s in range(0, n_q, block):
+            ranker.add(s, pairwise_distances(q_feat[s:s + block], g_feat, distance=distance,
+                                             b_sqnorm=g_sq))
+    lengths = {"paper": n_g, "standard": n_g - int(g_is_query.sum())}
+    result = {}
+    for mode in modes:
+        rows = np.concatenate(ranker.hits[mode][0])
+        ranks = np.concatenate(ranker.hits[mode][1])
+        result[mode] = _summary(n_q, rows, ranks, lengths[mode], mode)
+    return result
+
+
+def mean_results(results):
+    """Mean over splits of every number; CMC curves averaged over their common length."""
+    mean = {}
+    for mode in results[0]:
+        per = [r[mode] for r in results]
+        m = {k: float(np.mean([p[k] for p in per])) for k in per[0] if k != "cmc"}
+        length = min(len(p["cmc"]) for p in per)
+        m["cmc"] = [float(v) for v in np.mean([p["cmc"][:length] for p in per], axis=0)]
+        mean[mode] = m
+    return mean
+
+
+def evaluate_files(paths, *, distance="euclidean", ap="both", rerank=False, pooling=None):
+    """Evaluate several features files (splits of one protocol): each, and their mean.
+
+    Returns {"files": [path, ...], "splits": [result, ...], "mean": result}.
+    """
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("no features files given")
+    splits = [evaluate(load_features(p), distance=distance, ap=ap, rerank=rerank, pooling=pooling)
+              for p in paths]
+    return {"files": paths, "splits": splits, "mean": mean_results(splits)}
