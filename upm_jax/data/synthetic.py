@@ -68,7 +68,7 @@ def identity(seed: int, key: int) -> dict:
 def camera(seed: int, cam: int) -> dict:
     """Nuisance fixed for one camera."""
     rng = _rng(seed, 1, cam)
-    return {"gain": rng.uniform(0.75, 1.25, 3), "bright": rng.uniform(-0.1, 0.1),
+    return {"gain": rng.uniform(0.85, 1.15, 3), "bright": rng.uniform(-0.1, 0.1),
             "blur": rng.uniform(0.0, 1.2), "noise": rng.uniform(0.01, 0.05),
             "wall": rng.uniform(0.2, 0.8, 3), "floor": rng.uniform(0.1, 0.6, 3),
             "horizon": rng.uniform(0.45, 0.8), "flip": bool(cam % 2),
