@@ -36,12 +36,18 @@ def resize_bilinear_tf1(image: np.ndarray, height: int, width: int) -> np.ndarra
         raise ValueError(f"resize_bilinear_tf1: expected [h, w, C], got shape {img.shape}")
     y0, y1, wy = _axis_weights(img.shape[0], height)
     x0, x1, wx = _axis_weights(img.shape[1], width)
-    left = img[:, x0]                                               # [h, width, C]
-    right = img[:, x1]
-    rows = left + (right - left) * wx[None, :, None]                # [h, width, C]
-    top = rows[y0]                                                  # [height, width, C]
-    bottom = rows[y1]
-    return top + (bottom - top) * wy[:, None, None]
+    # in-place ops, same float32 expression order as TF: a + (b - a) * lerp
+    left = np.take(img, x0, axis=1)                                 # [h, width, C]
+    rows = np.take(img, x1, axis=1)
+    rows -= left
+    rows *= np.repeat(wx, img.shape[2]).reshape(width, img.shape[2])  # [width, C]: fast broadcast
+    rows += left
+    top = np.take(rows, y0, axis=0)                                 # [height, width, C]
+    out = np.take(rows, y1, axis=0)
+    out -= top
+    out *= wy[:, None, None]
+    out += top
+    return out
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -63,7 +69,9 @@ def decode_resize(path: str, height: int, width: int) -> np.ndarray:
     img = decode(path)
     if img.shape[0] == height and img.shape[1] == width:
         return img
-    return to_uint8(resize_bilinear_tf1(img, height, width))
+    out = resize_bilinear_tf1(img, height, width)
+    # bilinear weights are convex, so values stay within [0, 255]: round without clipping
+    return np.rint(out, out=out).astype(np.uint8)
 
 
 def image_shape(image_size: int) -> tuple:
