@@ -148,7 +148,7 @@ class CheckpointReader:
                 self._entries[name] = (wire.first(fields, 3, 0), wire.first(fields, 4, 0),
                                        wire.first(fields, 5, 0))
         except (TableFormatError, wire.WireFormatError) as e:
-            raise CheckpointFormatError(f"corrupt checkpoint index {index_path}: {e}") from e
+            raise CheckpointFormatError(f"corrupt checkpoint index: {e}") from e
         if num_shards is None:
             raise CheckpointFormatError(f"{index_path}: no bundle header (is it a V2 index?)")
         self._shards = [f"{self.prefix}.data-{i:05d}-of-{num_shards:05d}"
@@ -201,7 +201,7 @@ class CheckpointReader:
                 self._slices.setdefault(name, []).append(
                     (wire.first(saved, 2, b""), wire.first(saved, 3, b"")))
         except (TableFormatError, wire.WireFormatError) as e:
-            raise CheckpointFormatError(f"corrupt V1 checkpoint {path}: {e}") from e
+            raise CheckpointFormatError(f"corrupt V1 checkpoint: {e}") from e
         if not meta_seen:
             raise CheckpointFormatError(f"{path}: no TensorSlice metadata (is it a V1 checkpoint?)")
         for name in self.tensors:

@@ -1,0 +1,88 @@
+"""load_pretrained: strict merge into params['backbone'], with one clear error for every misfit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from upm_jax.models import PretrainedMismatchError, WeightsFileError, build_model, load_pretrained
+from upm_jax.porting.weights_file import save_weights
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = build_model("mobilenet_v1", "global", n_part=2, depth_multiplier=0.25)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3)), train=False)
+    rng = np.random.default_rng(0)
+    weights = {"backbone/" + k: rng.normal(size=v.shape).astype(np.float32) for k, v in
+               traverse_util.flatten_dict(variables["params"]["backbone"], sep="/").items()}
+    return model, variables, weights
+
+
+def test_loads_backbone_and_leaves_the_rest(setup, tmp_path):
+    _, variables, weights = setup
+    path = str(tmp_path / "w.npz")
+    save_weights(path, weights, backbone="mobilenet_v1", source="test")
+    loaded = load_pretrained(variables, path)
+    flat = traverse_util.flatten_dict(loaded["params"]["backbone"], sep="/")
+    assert len(flat) == len(weights) == 81
+    for k, v in flat.items():
+        assert v.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(v), weights["backbone/" + k])
+    jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"],
+                 variables["params"]["head"])
+    jax.tree.map(np.testing.assert_array_equal, loaded["batch_stats"], variables["batch_stats"])
+
+
+def test_lists_every_missing_unexpected_and_misshaped_name(setup, tmp_path):
+    _, variables, weights = setup
+    bad = dict(weights)
+    del bad["backbone/Conv2d_3_depthwise/depthwise_kernel"]
+    del bad["backbone/Conv2d_0/BatchNorm/bias"]
+    bad["backbone/Conv2d_14_pointwise/kernel"] = np.zeros((1, 1, 8, 8), np.float32)
+    bad["backbone/Conv2d_5_pointwise/kernel"] = np.zeros((1, 1, 3, 3), np.float32)
+    path = str(tmp_path / "bad.npz")
+    save_weights(path, bad, backbone="mobilenet_v1", source="test")
+    with pytest.raises(PretrainedMismatchError) as info:
+        load_pretrained(variables, path)
+    msg = str(info.value)
+    assert "2 missing, 1 unexpected, 1 mis-shaped" in msg and path in msg
+    for line in ["missing:     backbone/Conv2d_0/BatchNorm/bias (8,)",
+                 "missing:     backbone/Conv2d_3_depthwise/depthwise_kernel (3, 3, 32, 1)",
+                 "unexpected:  backbone/Conv2d_14_pointwise/kernel (1, 1, 8, 8)",
+                 "mis-shaped:  backbone/Conv2d_5_pointwise/kernel file (1, 1, 3, 3) model "
+                 "(1, 1, 64, 64)"]:
+        assert line in msg
+
+
+def test_other_backbone_is_rejected(setup, tmp_path):
+    _, variables, _ = setup
+    resnet = build_model("resnet_v1_50", "dal")
+    shapes = jax.eval_shape(lambda: resnet.init(jax.random.key(0), jnp.zeros((1, 64, 32, 3))))
+    weights = {"backbone/" + k: np.zeros(v.shape, np.float32) for k, v in
+               traverse_util.flatten_dict(shapes["params"]["backbone"], sep="/").items()}
+    path = str(tmp_path / "resnet.npz")
+    save_weights(path, weights, backbone="resnet_v1_50", source="test")
+    with pytest.raises(PretrainedMismatchError, match="backbone 'resnet_v1_50'.*81 missing, "
+                                                      "159 unexpected"):
+        load_pretrained(variables, path)
+
+
+def test_missing_and_corrupt_files_are_named(setup, tmp_path):
+    _, variables, _ = setup
+    missing = str(tmp_path / "nope.npz")
+    with pytest.raises(WeightsFileError, match=f"not found: {missing}"):
+        load_pretrained(variables, missing)
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(WeightsFileError, match=f"cannot read pretrained weights file {corrupt}"):
+        load_pretrained(variables, str(corrupt))
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, x=np.zeros(3))
+    with pytest.raises(WeightsFileError, match="not a ported-weights file"):
+        load_pretrained(variables, str(plain))
+
+
+def test_needs_a_backbone_subtree(tmp_path):
+    with pytest.raises(PretrainedMismatchError, match="params\\['backbone'\\]"):
+        load_pretrained({"params": {"Dense_0": {}}}, str(tmp_path / "w.npz"))
