@@ -1,0 +1,232 @@
+"""Train state and the jitted data-parallel step: device-count invariance, frozen scopes, EMA, forms."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from upm_jax import optim, sharding, train
+from upm_jax.association import AnchorMemory
+from upm_jax.models import build_model
+
+SIZES = (5, 4, 3)  # tracklets per camera
+IMAGE = (16, 8)
+BATCH = 16
+
+
+class _Backbone(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(8, (3, 3), strides=2, use_bias=False, name="Conv2d_0")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="BatchNorm")(x))
+        x = nn.Conv(8, (3, 3), feature_group_count=8, use_bias=False, name="Conv2d_1_depthwise")(x)
+        x = nn.Conv(12, (1, 1), use_bias=False, name="Conv2d_1_pointwise")(x)
+        return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="BatchNorm_1")(x))
+
+
+class _Logits(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(6, (1, 1), name="reduce")(x)
+        # unlike the real GAM, this BN *would* move its statistics: the step must keep them
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, name="BatchNorm")(x)
+
+
+class _Head(nn.Module):
+    n_part: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        b, h, w, c = x.shape
+        s = h // self.n_part
+        parts = x[:, : s * self.n_part].reshape(b, self.n_part, s, w, c).mean(axis=(2, 3))  # [B, P, C]
+        return _Logits(name="Logits")(parts[:, :, None, :], train)[:, :, 0, :]  # [B, P, 6]
+
+
+class TinyModel(nn.Module):
+    """Follows the model contract: backbone/head submodules, [B, P, D] float32, frozen Logits."""
+
+    n_part: int = 2
+
+    @property
+    def frozen_scopes(self):
+        return (("head", "Logits"),)
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        fmap = _Backbone(name="backbone")(images, train)
+        return _Head(self.n_part, name="head")(fmap, train).astype(jnp.float32)
+
+
+def _batches(num, seed=0, batch=BATCH, image=IMAGE):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        camera = rng.integers(0, len(SIZES), batch).astype(np.int32)
+        track = np.array([rng.integers(0, SIZES[c]) for c in camera], np.int32)
+        out.append({"image": rng.integers(0, 256, (batch, *image, 3), dtype=np.uint8),
+                    "track": track, "camera": camera})
+    return out
+
+
+def _setup(mesh, model=None, image=IMAGE, optimizer="rmsprop", cross_start_step=1):
+    model = model or TinyModel()
+    tx, schedule = optim.make_optimizer(optimizer, learning_rate=0.045, learning_rate_2=0.0045,
+                                        steps_per_epoch=1.0, total_steps=6)
+    dims = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image, 3))))
+    feat = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, *image, 3))), dims)
+    memory = AnchorMemory.zeros(SIZES, feat.shape[1], feat.shape[2])
+    state = train.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx,
+                                     memory=memory, mesh=mesh)
+    step_fn = train.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=cross_start_step,
+                                    frozen_scopes=model.frozen_scopes)
+    return state, step_fn
+
+
+def _host(state):
+    return jax.tree.map(np.asarray, state)
+
+
+def _run_host(mesh, batches, **kw):
+    state, step_fn = _setup(mesh, **kw)
+    metrics = []
+    for b in batches:
+        state, m = step_fn(state, sharding.global_batch(b, mesh))
+        metrics.append({k: float(v) for k, v in m.items()})
+    return _host(state), metrics
+
+
+def _assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def eight_device_run():
+    mesh = sharding.make_mesh()
+    assert mesh.devices.size == 8
+    return _run_host(mesh, _batches(4))
+
+
+def test_eight_devices_equal_one_device(eight_device_run):
+    state8, metrics8 = eight_device_run
+    state1, metrics1 = _run_host(sharding.make_mesh(jax.devices()[:1]), _batches(4))
+    for m8, m1 in zip(metrics8, metrics1):
+        assert m8.keys() == m1.keys()
+        for k in m8:
+            np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    _assert_trees_close(state8.params, state1.params)
+    _assert_trees_close(state8.ema_params, state1.ema_params)
+    _assert_trees_close(state8.batch_stats, state1.batch_stats)
+    _assert_trees_close(state8.memory, state1.memory)
+    _assert_trees_close(state8.opt_state, state1.opt_state)
+    assert int(state8.step) == int(state1.step) == 4
+    assert metrics8[0]["cross_consistent"] == 0.0  # step 0 < cross_start_step
+    assert any(m["cross_consistent"] > 0 for m in metrics8[1:])
+
+
+def test_resident_form_equals_host_form(eight_device_run):
+    mesh = sharding.make_mesh()
+    batches = _batches(4)
+    # a resident dataset holding the same frames: batch b is rows 16b .. 16b+15
+    dataset = {k: jnp.asarray(np.concatenate([b[k] for b in batches])) for k in ("image", "track", "camera")}
+    dataset = sharding.replicate(dataset, mesh)
+    state, step_fn = _setup(mesh)
+    for i in range(4):
+        index = np.arange(BATCH * i, BATCH * (i + 1), dtype=np.int32)[::-1].copy()
+        # reversed order within the batch only permutes samples: same loss and updates
+        state, _ = step_fn(state, sharding.global_batch({"index": index}, mesh), dataset)
+    host_state, _ = eight_device_run
+    state = _host(state)
+    _assert_trees_close(state.params, host_state.params)
+    _assert_trees_close(state.memory, host_state.memory)
+    _assert_trees_close(state.batch_stats, host_state.batch_stats)
+
+
+def test_frozen_params_and_their_batch_stats_never_change(eight_device_run):
+    mesh = sharding.make_mesh()
+    initial, _ = _setup(mesh)
+    initial = _host(initial)
+    final, _ = eight_device_run
+    assert set(final.frozen_params) == {"head"} and "head" not in final.params
+    _assert_trees_close(final.frozen_params, initial.frozen_params, rtol=0, atol=0)
+    _assert_trees_close(final.batch_stats["head"], initial.batch_stats["head"], rtol=0, atol=0)
+    moved = np.abs(final.batch_stats["backbone"]["BatchNorm"]["mean"]
+                   - initial.batch_stats["backbone"]["BatchNorm"]["mean"]).max()
+    assert moved > 1e-4
+    changed = np.abs(final.params["backbone"]["Conv2d_0"]["kernel"]
+                     - initial.params["backbone"]["Conv2d_0"]["kernel"]).max()
+    assert changed > 1e-4
+
+
+def test_ema_follows_tf_step_dependent_decay():
+    mesh = sharding.make_mesh()
+    state, step_fn = _setup(mesh)
+    p0 = _host(state.params)
+    state, _ = step_fn(state, sharding.global_batch(_batches(1)[0], mesh))
+    p1, ema1 = _host(state.params), _host(state.ema_params)
+    # t = 0: decay = min(.9999, 1/10) = .1 -> ema = .1 * p0 + .9 * p1
+    _assert_trees_close(ema1, jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, p0, p1), rtol=1e-5, atol=1e-7)
+    state, _ = step_fn(state, sharding.global_batch(_batches(2)[1], mesh))
+    p2, ema2 = _host(state.params), _host(state.ema_params)
+    d = 2 / 11  # t = 1
+    _assert_trees_close(ema2, jax.tree.map(lambda e, b: d * e + (1 - d) * b, ema1, p2), rtol=1e-5, atol=1e-7)
+    assert int(state.step) == 2
+
+
+def test_metrics_report_lr_and_weight_decay():
+    mesh = sharding.make_mesh()
+    state, step_fn = _setup(mesh, optimizer="sgd")
+    params = _host(state.params)
+    expected_wd = 4e-5 / 2 * sum(float(np.sum(params["backbone"][n]["kernel"] ** 2))
+                                 for n in ("Conv2d_0", "Conv2d_1_pointwise"))
+    expected_wd += 4e-5 / 2 * float(np.sum(_host(state.frozen_params)["head"]["Logits"]["reduce"]["kernel"] ** 2))
+    lrs = []
+    for b in _batches(5):
+        state, m = step_fn(state, sharding.global_batch(b, mesh))
+        if not lrs:
+            np.testing.assert_allclose(float(m["weight_decay"]), expected_wd, rtol=1e-5)
+            np.testing.assert_allclose(float(m["loss"]), float(m["association_loss"] + m["weight_decay"]),
+                                       rtol=1e-6)
+        lrs.append(float(m["lr"]))
+    # total_steps 6 -> boundary 3: steps 0..3 at .045, then .0045
+    np.testing.assert_allclose(lrs, [0.045] * 4 + [0.0045], rtol=1e-6)
+
+
+def test_state_is_donated_and_bad_batches_are_rejected():
+    mesh = sharding.make_mesh()
+    state, step_fn = _setup(mesh)
+    batch = _batches(1)[0]
+    old_leaf = state.params["backbone"]["Conv2d_0"]["kernel"]
+    state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+    assert old_leaf.is_deleted()
+    with pytest.raises(ValueError, match=r"batch lacks \['camera'\]"):
+        step_fn(state, {"image": batch["image"], "track": batch["track"]})
+    with pytest.raises(ValueError, match="must be uint8"):
+        step_fn(state, dict(batch, image=batch["image"].astype(np.float32)))
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        step_fn(state, {k: v[:12] for k, v in batch.items()})
+    with pytest.raises(ValueError, match="frozen_scopes"):
+        tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.01, steps_per_epoch=1.0, total_steps=2)
+        train.make_train_step(TinyModel(), tx, schedule, mesh=mesh, cross_start_step=0,
+                              frozen_scopes=())(state, sharding.global_batch(batch, mesh))
+
+
+@pytest.mark.parametrize("head", ["local", "global"])
+def test_real_mobilenet_steps(head):
+    mesh = sharding.make_mesh()
+    model = build_model("mobilenet_v1", head, depth_multiplier=0.25, n_part=2)
+    image = (64, 32)
+    state, step_fn = _setup(mesh, model=model, image=image, cross_start_step=0)
+    frozen0 = _host(state.frozen_params)
+    stats0 = _host(state.batch_stats)
+    assert state.memory.intra.shape == (2, sum(SIZES), model.feature_dim)
+    for b in _batches(2, batch=8, image=image):
+        state, metrics = step_fn(state, sharding.global_batch(b, mesh))
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+    final = _host(state)
+    if head == "global":
+        _assert_trees_close(final.frozen_params, frozen0, rtol=0, atol=0)
+        _assert_trees_close(final.batch_stats["head"], stats0["head"], rtol=0, atol=0)
+    else:
+        assert final.frozen_params == {}
+    assert np.abs(final.memory.intra).max() > 0
