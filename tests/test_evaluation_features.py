@@ -56,9 +56,11 @@ def test_pooling_matches_reference_with_scattered_frames(pooling, p):
     np.testing.assert_allclose(got, _reference_pool(feat, track, t, pooling), rtol=1e-5, atol=1e-6)
 
 
-def test_streaming_from_file_equals_in_memory(tmp_path):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_streaming_from_file_equals_in_memory(tmp_path, dtype):
     rng = np.random.default_rng(0)
     f = _frames_dict(rng, t=10, frames_per=7, p=8, d=6)
+    f["frame_feat"] = f["frame_feat"].astype(dtype)
     order = rng.permutation(f["frame_track"].shape[0])
     f["frame_feat"], f["frame_track"] = f["frame_feat"][order], f["frame_track"][order]
     path = tmp_path / "frames.npz"

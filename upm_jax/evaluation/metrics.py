@@ -112,6 +112,11 @@ def _summary(n_query, rows, ranks, length, mode):
     return out
 
 
+def _is_identity(index, n):
+    """True if `index` is exactly 0..n-1 (then rows can be used without a copy)."""
+    return index.shape[0] == n and bool((index == np.arange(n)).all())
+
+
 def _modes(ap):
     if ap == "both":
         return AP_MODES
@@ -147,7 +152,8 @@ def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling
         for s in range(0, n_q, block):
             ranker.add(s, dist[s:s + block])
     else:
-        g_feat = np.ascontiguousarray(feat[gallery])  # [G, F]
+        same = _is_identity(gallery, feat.shape[0])
+        g_feat = feat if same else np.ascontiguousarray(feat[gallery])  # [G, F]
         g_sq = np.einsum("mf,mf->m", g_feat, g_feat)
         q_feat = np.ascontiguousarray(feat[query])  # [Q, F]
         for s in range(0, n_q, block):

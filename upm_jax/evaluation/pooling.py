@@ -34,7 +34,10 @@ def l2_normalize_rows(x):
 
 
 def _iter_chunks(feat, rows):
-    """Yield (start, float32 chunk [c, P, D]) copies of `feat`, `rows` frames at a time."""
+    """Yield (start, float32 chunk [c, P, D]) of `feat`, `rows` frames at a time.
+
+    A chunk may be a reused buffer: it is valid (and writable) until the next is requested.
+    """
     n = feat.shape[0]
     direct = (isinstance(feat, np.memmap) and isinstance(feat.base, mmap.mmap)
               and feat.flags.c_contiguous and isinstance(feat.filename, str))
@@ -56,7 +59,7 @@ def _iter_chunks(feat, rows):
                     raise FeaturesError(f"{feat.filename}: array 'frame_feat': file is truncated")
                 got += k
             chunk = buf[:c]
-            yield start, (chunk.copy() if chunk.dtype == np.float32 else chunk.astype(np.float32))
+            yield start, (chunk if chunk.dtype == np.float32 else chunk.astype(np.float32))
 
 
 def pool_tracklets(frame_feat, frame_track, num_tracklets, *, pooling="max", required=None,

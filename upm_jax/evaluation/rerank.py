@@ -73,7 +73,8 @@ def k_reciprocal_distances(feat, query, gallery, *, distance="euclidean", k1=20,
     if not 1 <= k2 <= k1 + 1:
         raise ValueError(f"re-ranking needs 1 <= k2 <= k1 + 1, got k1={k1}, k2={k2}")
     k = min(k1, s - 1)
-    x = np.ascontiguousarray(feat[items], dtype=np.float32)  # [S, F]
+    x = feat if items.shape[0] == feat.shape[0] else feat[items]
+    x = np.ascontiguousarray(x, dtype=np.float32)  # [S, F]
     x_sq = np.einsum("sf,sf->s", x, x)
     q_pos = np.searchsorted(items, query)
     g_pos = np.searchsorted(items, gallery)
