@@ -1,4 +1,6 @@
 """load_pretrained: strict merge into params['backbone'], with one clear error for every misfit."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,8 @@ def test_loads_backbone_and_leaves_the_rest(setup, tmp_path):
     _, variables, weights = setup
     path = str(tmp_path / "w.npz")
     save_weights(path, weights, backbone="mobilenet_v1", source="test")
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["w.npz"]  # no temporary file left behind
     loaded = load_pretrained(variables, path)
     flat = traverse_util.flatten_dict(loaded["params"]["backbone"], sep="/")
     assert len(flat) == len(weights) == 81

@@ -12,7 +12,6 @@ Two shims make tf-slim 1.1.0 build under TF 2.21 without tf_keras (numerics unch
 implementation (``tf.nn.fused_batch_norm``) instead of the tf_keras-based layer; that option
 only changes training-time moving-average updates, which inference never runs.
 """
-import os
 
 import jax
 import numpy as np

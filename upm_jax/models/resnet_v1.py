@@ -46,7 +46,8 @@ class Bottleneck(nn.Module):
         if x.shape[-1] == self.depth:
             shortcut = x[:, :: self.stride, :: self.stride, :]  # slim subsample (1x1 max pool)
         else:
-            shortcut = ConvBN(self.depth, 1, stride=self.stride, name="shortcut", **common)(x, train)
+            shortcut = ConvBN(self.depth, 1, stride=self.stride, name="shortcut",
+                              **common)(x, train)
         r = ConvBN(self.depth_bottleneck, 1, activation=nn.relu, name="conv1", **common)(x, train)
         r = ConvBN(self.depth_bottleneck, 3, stride=self.stride, padding="SYMMETRIC",
                    activation=nn.relu, name="conv2", **common)(r, train)

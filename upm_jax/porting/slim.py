@@ -106,8 +106,11 @@ def plan(names, backbone: str = "auto") -> Plan:
         else:
             unmatched.append(name)
     if unmatched:
+        found = [b for b, scope in SCOPES.items() if any(n.startswith(scope + "/") for n in names)]
+        hint = (f" (the names look like a {found[0]} checkpoint)"
+                if len(found) == 1 and found[0] != backbone else "")
         raise PortError(f"{len(unmatched)} checkpoint name(s) are not covered by the "
-                        f"{backbone} rule table:\n" + "\n".join("  " + n for n in unmatched))
+                        f"{backbone} rule table{hint}:\n" + "\n".join("  " + n for n in unmatched))
     targets: Dict[str, str] = {}
     for name, target in restore.items():
         if target in targets:

@@ -29,6 +29,7 @@ def save_weights(path: str, params: Dict[str, np.ndarray], *, backbone: str, sou
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary shared file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
