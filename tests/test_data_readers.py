@@ -285,3 +285,23 @@ def test_inspection_cli(prid, mars, capsys):
     assert "junk tracklets" in text and "query:" in text and "camera 6:" in text
     assert inspect_main([mars["root"], "--layout", "dukev"]) == 2
     assert "not laid out as expected" in capsys.readouterr().err
+
+
+def test_shipped_mars_protocol_files_parse():
+    # the real MARS info files with name lists rebuilt from their own rows (no images needed)
+    from upm_jax.data import mars as mars_reader
+    for part in ("train", "test"):
+        info, path = mars_reader._read_mat("/nonexistent", f"tracks_{part}_info")
+        assert path.endswith(os.path.join("splits", "mars", f"tracks_{part}_info.mat"))
+        names = [""] * int(info[:, 1].max())
+        for t, (s, e, p, c) in enumerate(info):
+            tag = "00-1" if p == -1 else f"{p:04d}"
+            names[s - 1:e] = [f"{tag}C{c}T{t % 10000:04d}F{f % 1000:03d}.jpg" for f in range(e - s + 1)]
+        tracklets = mars_reader._tracklets(info, path, names, "/x")
+        assert len(tracklets) == info.shape[0]
+        assert {c for c, _, _ in tracklets} == set(range(6))
+        assert sum(len(f) for _, _, f in tracklets) == len(names)
+    query, _ = mars_reader._read_mat("/nonexistent", "query_IDX")
+    test_info, _ = mars_reader._read_mat("/nonexistent", "tracks_test_info")
+    assert query.size == 1980 and query.min() >= 1 and query.max() <= test_info.shape[0]
+    assert (test_info[query.ravel() - 1, 2] > 0).all()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -90,82 +91,108 @@ def tracklet(seed: int, key: tuple, num_frames: int) -> dict:
             "scale": rng.uniform(0.93, 1.05), "num_frames": num_frames}
 
 
-def _ellipse(yy, xx, cy, cx, ry, rx):
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+@functools.lru_cache(maxsize=8)
+def _grid(height: int, width: int):
+    """Pixel row and column coordinates, float32 [height, width] each (read-only)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy.flags.writeable = False
+    xx.flags.writeable = False
+    return yy, xx
 
 
-def _box(yy, xx, top, bottom, left, right):
-    return (yy >= top) & (yy < bottom) & (xx >= left) & (xx < right)
+def _fill_box(img, top, bottom, left, right, colour):
+    """Paints the pixels with top <= y < bottom and left <= x < right (integer pixel grid)."""
+    h, w = img.shape[:2]
+    ys = slice(min(h, max(0, int(np.ceil(top)))), min(h, max(0, int(np.ceil(bottom)))))
+    xs = slice(min(w, max(0, int(np.ceil(left)))), min(w, max(0, int(np.ceil(right)))))
+    img[ys, xs] = colour
 
 
 def render(height: int, width: int, person: dict, cam: dict, track: dict, f: int,
            noise_rng: np.random.Generator) -> np.ndarray:
-    """One frame, uint8 [height, width, 3]; coordinates in pixels, person drawn by masks."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    """One frame, uint8 [height, width, 3].
+
+    Body parts are shapes in person coordinates (y down, dx = signed offset from the body
+    axis, mirrored in flipped views); each is evaluated only inside its bounding window.
+    """
+    yy, xx = _grid(height, width)
     img = np.empty((height, width, 3), np.float32)
     horizon = cam["horizon"] * height
     img[:] = np.where((yy < horizon)[..., None], cam["wall"], cam["floor"]) + track["tint"]
     for bx, by, bw, bh, colour in track["boxes"]:
-        img[_box(yy, xx, by * height, (by + bh) * height, bx * width, (bx + bw) * width)] = colour
+        _fill_box(img, by * height, (by + bh) * height, bx * width, (bx + bw) * width, colour)
 
     ph = height * cam["scale"] * track["scale"] * person["height"]   # person height in pixels
     top = height - ph - 0.02 * height
     cx = width * (0.5 + cam["x"] + track["x0"] + track["vx"] * f)
     sign = -1.0 if cam["flip"] else 1.0
-    dx = (xx - cx) * sign                                            # mirrored for flipped views
     wf = person["width"]
-    phase = track["phase"] + 0.7 * f
-    swing = np.sin(phase) * 0.045 * ph
+    swing = np.sin(track["phase"] + 0.7 * f) * 0.045 * ph
 
     def y(r):
         return top + r * ph
 
+    def paint(y_lo, y_hi, d_lo, d_hi, inside, colour):
+        """Colours pixels of the window where inside(Y, D) holds (Y rows, D signed offsets)."""
+        x_lo, x_hi = sorted((cx + sign * d_lo, cx + sign * d_hi))
+        ys = slice(max(0, int(np.floor(y_lo))), max(0, min(height, int(np.ceil(y_hi)) + 1)))
+        xs = slice(max(0, int(np.floor(x_lo))), max(0, min(width, int(np.ceil(x_hi)) + 1)))
+        win_y, win_d = yy[ys, xs], (xx[ys, xs] - cx) * sign
+        img[ys, xs][inside(win_y, win_d)] = colour
+
+    def box(y_lo, y_hi, d_lo, d_hi, colour, extra=None):
+        def inside(wy, wd):
+            m = (wy >= y_lo) & (wy < y_hi) & (wd >= d_lo) & (wd < d_hi)
+            return m if extra is None else m & extra(wy, wd)
+        paint(y_lo, y_hi, d_lo, d_hi, inside, colour)
+
+    def ellipse(cy, cd, ry, rd, colour, extra=None):
+        def inside(wy, wd):
+            m = ((wy - cy) / ry) ** 2 + ((wd - cd) / rd) ** 2 <= 1.0
+            return m if extra is None else m & extra(wy, wd)
+        paint(cy - ry, cy + ry, cd - rd, cd + rd, inside, colour)
+
     hip = 1.0 - person["legs"]
     torso_w = 0.12 * ph * wf
-    for side in (-1.0, 1.0):                                          # legs
+    for side in (-1.0, 1.0):                                          # legs and shoes
         lx = side * 0.05 * ph * wf + side * swing
-        leg = _box(yy, dx, y(hip), y(0.97), lx - 0.045 * ph * wf, lx + 0.045 * ph * wf)
-        img[leg] = person["pants"]
+        leg = (y(hip), y(0.97), lx - 0.045 * ph * wf, lx + 0.045 * ph * wf)
+        box(*leg, person["pants"])
         if person["shorts"]:
-            img[leg & (yy > y(hip + 0.2))] = person["skin"]
-        img[_ellipse(yy, dx, y(0.975), lx + 0.02 * ph, 0.02 * ph, 0.05 * ph)] = person["shoes"]
+            box(*leg, person["skin"], extra=lambda wy, wd: wy > y(hip + 0.2))
+        ellipse(y(0.975), lx + 0.02 * ph, 0.02 * ph, 0.05 * ph, person["shoes"])
     for side in (-1.0, 1.0):                                          # arms
-        ax = side * (torso_w + 0.025 * ph)
-        arm = _ellipse(yy, dx, y(0.37) - side * swing * 0.3, ax - side * swing * 0.4,
-                       0.17 * ph, 0.03 * ph * wf)
-        img[arm] = person["shirt"]
+        arm = (y(0.37) - side * swing * 0.3, side * (torso_w + 0.025 * ph) - side * swing * 0.4,
+               0.17 * ph, 0.03 * ph * wf)
+        ellipse(*arm, person["shirt"])
         if person["short_sleeves"]:
-            img[arm & (yy > y(0.3))] = person["skin"]
-    torso = _box(yy, dx, y(0.16), y(hip + 0.02), -torso_w, torso_w)
-    rel_y, rel_x = (yy - y(0.16)) / ph, (dx + torso_w) / ph
-    pattern = person["pattern"]
-    if pattern == 1:
-        accent = (rel_y // person["period"]) % 2 == 1
-    elif pattern == 2:
-        accent = (rel_x // person["period"]) % 2 == 1
-    elif pattern == 3:
-        accent = rel_y > (hip - 0.16) / 2
-    elif pattern == 4:
-        accent = np.abs(rel_y - rel_x) < 0.035
-    else:
-        accent = np.zeros_like(torso)
-    img[torso] = person["shirt"]
-    img[torso & accent] = person["accent"]
+            ellipse(*arm, person["skin"], extra=lambda wy, wd: wy > y(0.3))
+    torso = (y(0.16), y(hip + 0.02), -torso_w, torso_w)
+    period, pattern = person["period"], person["pattern"]
+    accents = {
+        1: lambda wy, wd: ((wy - y(0.16)) / ph // period) % 2 == 1,
+        2: lambda wy, wd: ((wd + torso_w) / ph // period) % 2 == 1,
+        3: lambda wy, wd: (wy - y(0.16)) / ph > (hip - 0.16) / 2,
+        4: lambda wy, wd: np.abs((wy - y(0.16)) / ph - (wd + torso_w) / ph) < 0.035,
+    }
+    box(*torso, person["shirt"])
+    if pattern in accents:
+        box(*torso, person["accent"], extra=accents[pattern])
     if person["bag"]:
-        img[_box(yy, dx, y(0.3), y(0.5), torso_w - 0.02 * ph, torso_w + 0.08 * ph)] = \
-            person["bag_colour"]
-    img[_box(yy, dx, y(0.12), y(0.17), -0.03 * ph, 0.03 * ph)] = person["skin"]   # neck
-    img[_ellipse(yy, dx, y(0.075), 0.0, 0.07 * ph, 0.052 * ph)] = person["skin"]   # head
-    hair = _ellipse(yy, dx, y(0.06), -0.006 * ph, 0.065 * ph, 0.056 * ph) & (yy < y(0.06))
-    img[hair] = person["hat_colour"] if person["hat"] else person["hair"]
+        box(y(0.3), y(0.5), torso_w - 0.02 * ph, torso_w + 0.08 * ph, person["bag_colour"])
+    box(y(0.12), y(0.17), -0.03 * ph, 0.03 * ph, person["skin"])             # neck
+    ellipse(y(0.075), 0.0, 0.07 * ph, 0.052 * ph, person["skin"])           # head
+    ellipse(y(0.06), -0.006 * ph, 0.065 * ph, 0.056 * ph,
+            person["hat_colour"] if person["hat"] else person["hair"],
+            extra=lambda wy, wd: wy < y(0.06))                              # hair or hat
     if track["occluder"] is not None:
         ox, ow, otop, colour = track["occluder"]
-        img[_box(yy, xx, otop * height, height, ox * width, (ox + ow) * width)] = colour
+        _fill_box(img, otop * height, height, ox * width, (ox + ow) * width, colour)
 
     if cam["blur"] > 0.3:
         img = ndimage.gaussian_filter(img, sigma=(cam["blur"], cam["blur"], 0), truncate=2.0)
     img = img * cam["gain"] + cam["bright"] + track["bright"]
-    img += noise_rng.normal(0.0, cam["noise"], img.shape).astype(np.float32)
+    img += noise_rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cam["noise"])
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -176,9 +203,10 @@ def _encode(image: np.ndarray, path: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_tracklet(job) -> int:
-    """Renders and writes one tracklet; job = (seed, size, id key, camera, track key, paths)."""
-    seed, (height, width), id_key, cam, track_key, paths = job
+def _write_tracklet(seed: int, size: tuple, job: tuple) -> int:
+    """Renders and writes one tracklet; job = (identity key, camera, tracklet key, paths)."""
+    height, width = size
+    id_key, cam, track_key, paths = job
     person, cam_p = identity(seed, id_key), camera(seed, cam)
     track = tracklet(seed, track_key, len(paths))
     for f, path in enumerate(paths):
@@ -252,7 +280,7 @@ def _plan_twocam(layout, root, ids, seed, frames, num_splits):
             else:
                 names = [f"cam{c + 1}_{person}_{starts[i] + f:05d}.png" for f in range(lengths[i])]
             paths = [os.path.join(cam_dir, person, n) for n in names]
-            jobs.append((seed, None, id_key, c, (c, i), paths))
+            jobs.append((id_key, c, (c, i), paths))
             if i < ids:
                 frames_of.setdefault(person, [0, 0])[c] = int(lengths[i])
     persons = [fmt.format(i + 1) for i in range(ids)]
@@ -296,8 +324,7 @@ def _plan_mars(root, ids, seed, frames):
             pid = -1 if tag == "00-1" else int(tag)
             info.append([len(names) + 1, len(names) + n, pid, c + 1])
             names.extend(tnames)
-            jobs.append((seed, None, key, c, (7, key, c, t),
-                         [os.path.join(folder, tag, nm) for nm in tnames]))
+            jobs.append((key, c, (7, key, c, t), [os.path.join(folder, tag, nm) for nm in tnames]))
         texts[os.path.join("info", f"{part}_name.txt")] = "\n".join(names) + "\n"
         mats[f"tracks_{part}_info"] = (f"track_{part}_info", np.asarray(info, np.int32))
         if part == "test":
@@ -322,12 +349,12 @@ def _plan_dukev(root, ids, seed, frames, naming):
 
     def tracklets(folder, pid, key, cams, first=1):
         for t, c in enumerate(cams, start=first):
-            n, start, x = int(_lengths(rng, frames, 1)[0]), int(rng.integers(1, 3000)), int(
-                rng.integers(10000, 99999))
+            n = int(_lengths(rng, frames, 1)[0])
+            start, x = int(rng.integers(1, 3000)), int(rng.integers(10000, 99999))
             sep = "_" if naming == "new" else ""
             names = [f"{pid:04d}{sep}C{c + 1}{sep}F{start + f:04d}{sep}X{x}.jpg" for f in range(n)]
             tdir = os.path.join(root, folder, f"{pid:04d}", f"{t:04d}")
-            jobs.append((seed, None, key, c, (9, key, c, t), [os.path.join(tdir, m) for m in names]))
+            jobs.append((key, c, (9, key, c, t), [os.path.join(tdir, m) for m in names]))
 
     for pid, cams in zip(range(1, n_train + 1), _camera_sets(rng, n_train, n_cam)):
         tracklets("train", pid, pid, cams)
@@ -375,10 +402,10 @@ def generate(layout: str, out: str, *, ids: int, seed: int = 0, frames=(8, 16),
             jobs, texts, mats = _plan_mars(tmp, ids, seed, frames)
         else:
             jobs = _plan_dukev(tmp, ids, seed, frames, duke_naming)
-        jobs = [(s, tuple(size), *rest) for s, _, *rest in jobs]
         threads = num_threads or (os.cpu_count() or 1)
+        write = functools.partial(_write_tracklet, int(seed), (int(size[0]), int(size[1])))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            total = sum(pool.map(_write_tracklet, jobs))
+            total = sum(pool.map(write, jobs))
         for rel, text in texts.items():
             _write_text(os.path.join(tmp, rel), text)
         for stem, (name, array) in mats.items():
