@@ -51,6 +51,8 @@ def test_generate_refuses_to_overwrite_and_validates(tmp_path):
     empty.mkdir()
     info = synthetic.generate("ilidsvid", str(empty), ids=2, frames=1, size=(8, 4))
     assert info["frames"] == 4 and os.path.isfile(info["split_file"])
+    assert synthetic.split_file(str(empty)) == info["split_file"] == str(empty / "ilidsvid_splits.json")
+    assert synthetic.split_file(str(empty), "prid2011") is None
 
 
 def test_identity_is_fixed_and_cameras_differ():

@@ -165,20 +165,19 @@ def resident_batches(num_frames: int, *, global_batch: int, seed: int, mesh,
 
 
 def test_batches(table: FrameTable, *, batch_size: int, image_size: int,
-                 num_threads: int | None = None, prefetch: int = 2,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> Iterator[dict]:
+                 num_threads: int | None = None, prefetch: int = 2, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
     """Ordered stream covering every frame once: {"image", "index", "valid"} numpy batches.
 
-    Global batch k holds rows k*batch_size ... ; the last one is padded with zero images,
-    index -1 and valid False. With several processes each gets its equal contiguous slice of
-    every global batch (batch_size must divide evenly).
+    Global batch k holds rows k*batch_size ...; the last one is padded with zero images,
+    index -1 and valid False. By default every call yields whole global batches; with
+    process_count > 1 it yields only the process's equal contiguous slice of each (image,
+    index and valid alike), so each host decodes only its own frames.
     """
-    index = jax.process_index() if process_index is None else int(process_index)
-    count = jax.process_count() if process_count is None else int(process_count)
-    if batch_size <= 0 or batch_size % count:
-        raise ValueError(f"test batch size {batch_size} must be positive and divisible by the "
-                         f"{count} processes")
+    index, count = int(process_index), int(process_count)
+    if batch_size <= 0 or batch_size % count or not 0 <= index < count:
+        raise ValueError(f"test batch size {batch_size} must be positive and divisible by "
+                         f"process_count={count}, with 0 <= process_index={index} < count")
     local = batch_size // count
     h, w = images.image_shape(image_size)
     n = table.num_frames

@@ -416,9 +416,17 @@ def generate(layout: str, out: str, *, ids: int, seed: int = 0, frames=(8, 16),
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    split_file = (os.path.join(out, f"{layout}_splits.json")
-                  if layout in ("prid2011", "ilidsvid") else None)
-    return {"root": out, "frames": int(total), "tracklets": len(jobs), "split_file": split_file}
+    return {"root": out, "frames": int(total), "tracklets": len(jobs),
+            "split_file": split_file(out, layout)}
+
+
+def split_file(root: str, layout: str | None = None) -> str | None:
+    """The split JSON a generated PRID2011/iLIDS-VID-layout tree carries, else None."""
+    for name in [layout] if layout else ["prid2011", "ilidsvid"]:
+        path = os.path.join(root, f"{name}_splits.json")
+        if name in ("prid2011", "ilidsvid") and os.path.isfile(path):
+            return path
+    return None
 
 
 def raw_pixel_rank1(dataset) -> float:
