@@ -1,4 +1,7 @@
 """Features file format, bad-input errors, and (streaming) tracklet pooling."""
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -89,7 +92,10 @@ def test_round_trip_and_frame_file_evaluates_like_pooled_file(tmp_path):
     loaded = load_features(tmp_path / "tracks.npz")
     for k in g:
         np.testing.assert_array_equal(loaded[k], g[k])
-    assert not list(tmp_path.glob(".features-*"))  # no temp files left behind
+    assert not list(tmp_path.glob(".tmp-*"))  # no temp files left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "tracks.npz").st_mode) == 0o666 & ~umask
 
 
 def test_several_split_files_are_averaged(tmp_path):

@@ -7,9 +7,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
-from upm_jax.evaluation.features import FeaturesError, load_features
+from upm_jax.evaluation.features import FeaturesError, atomic_write, load_features
 from upm_jax.evaluation.metrics import evaluate_files
 from upm_jax.evaluation.plots import plot_cmc, plot_montage, rank_lists
 
@@ -71,13 +70,9 @@ def main(argv=None):
                                 pooling=args.pooling)
         print(format_table(result))
         if args.json:
-            directory = os.path.dirname(os.path.abspath(args.json))
-            fd, tmp = tempfile.mkstemp(prefix=".eval-", suffix=".json.tmp", dir=directory)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"options": {"ap": args.ap, "distance": args.distance,
-                                       "pooling": args.pooling, "rerank": args.rerank},
-                           **result}, f)
-            os.replace(tmp, args.json)
+            options = {"ap": args.ap, "distance": args.distance, "pooling": args.pooling,
+                       "rerank": args.rerank}
+            atomic_write(args.json, lambda f: json.dump({"options": options, **result}, f), mode="w")
         if args.plot:
             source = result["mean"] if len(files) > 1 else result["splits"][0]
             stem = "mean" if len(files) > 1 else os.path.basename(files[0])

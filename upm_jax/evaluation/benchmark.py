@@ -17,6 +17,10 @@ import tracemalloc
 
 import numpy as np
 
+from upm_jax.evaluation.features import atomic_write, load_features, save_features
+from upm_jax.evaluation.metrics import evaluate
+from upm_jax.evaluation.pooling import pool_tracklets
+
 MARS_TRACKLETS = 12180
 MARS_QUERIES = 1980
 MARS_IDS = 625
@@ -72,14 +76,12 @@ def _peak_rss_mb():
 
 def _prepare_evaluate(parts, dim, workdir):
     """Write the pooled MARS-size features file the evaluate case reads."""
-    from upm_jax.evaluation import save_features
     save_features(os.path.join(workdir, "mars.npz"), **synthetic_mars(parts=parts, dim=dim))
 
 
 def _case_evaluate(parts, dim, workdir, repeats=3):
     """End to end from a pooled features file (load + both AP modes), first run and best of
     `repeats`; plus the query-gallery product alone (best of `repeats`)."""
-    from upm_jax.evaluation import evaluate, load_features
     times, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -105,7 +107,6 @@ def _case_evaluate(parts, dim, workdir, repeats=3):
 
 def _prepare_pooling(parts, dim, workdir, frames=MARS_FRAMES):
     """Write a per-frame features file of `frames` random frames in MARS-like tracklets."""
-    from upm_jax.evaluation import save_features
     rng = np.random.default_rng(1)
     lengths = 1 + rng.multinomial(frames - MARS_TRACKLETS, np.full(MARS_TRACKLETS, 1.0 / MARS_TRACKLETS))
     track = np.repeat(np.arange(MARS_TRACKLETS, dtype=np.int32), lengths)
@@ -125,7 +126,6 @@ def _prepare_pooling(parts, dim, workdir, frames=MARS_FRAMES):
 
 def _case_pooling(parts, dim, workdir):
     """Streaming max-pooling of the per-frame features, memory-mapped from the file."""
-    from upm_jax.evaluation import load_features, pool_tracklets
     path = os.path.join(workdir, "frames.npz")
     tracemalloc.start()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -146,7 +146,6 @@ def _prepare_rerank(parts, dim, workdir):
 
 def _case_rerank(parts, dim, workdir):
     """k-reciprocal re-ranking at MARS size, then both AP modes on the re-ranked distances."""
-    from upm_jax.evaluation import evaluate, load_features
     t0, c0 = time.perf_counter(), time.process_time()
     result = evaluate(load_features(os.path.join(workdir, "mars.npz")), ap="both", rerank=True)
     return {"case": f"rerank {parts}x{dim}", "seconds": time.perf_counter() - t0,
@@ -209,11 +208,7 @@ def main(argv=None):
     else:
         records = mars_size_benchmark()
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, lambda f: json.dump(records, f, indent=1), mode="w")
 
 
 if __name__ == "__main__":

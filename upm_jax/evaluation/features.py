@@ -132,22 +132,34 @@ def validate_features(arrays, source="", check_frame_values=True):
     return t
 
 
-def save_features(path, **arrays):
-    """Validate `arrays` and write them as an uncompressed .npz, atomically (temp file + rename)."""
-    arrays = {k: (np.asarray(v) if k == "pooling" else v) for k, v in arrays.items()}
-    validate_features(arrays, source=os.fspath(path))
+def atomic_write(path, write, *, mode="wb"):
+    """Call write(file) on a temp file in `path`'s directory, then rename it onto `path`.
+
+    Readers never see a half-written file; the result gets the usual umask permissions.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npz.tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(os.fspath(path))[1],
+                               dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_features(path, **arrays):
+    """Validate `arrays` and write them as an uncompressed .npz, atomically (temp file + rename)."""
+    arrays = {k: (np.asarray(v) if k == "pooling" else v) for k, v in arrays.items()}
+    validate_features(arrays, source=os.fspath(path))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _member_memmap(path, info):

@@ -61,7 +61,8 @@ class _Ranker:
         junk = (same & same_cam) | self.g_junk
         good = same & ~same_cam & ~self.g_junk
         cat = good.view(np.uint8) | (junk.view(np.uint8) << 1)  # [b, G]
-        dist = np.maximum(dist, 0.0)  # also turns -0.0 into +0.0 so equal distances tie
+        dist = np.maximum(dist, 0.0)
+        dist += 0.0  # -0.0 -> +0.0, so that equal distances have equal bit patterns and tie
         key = dist.view(np.uint32).astype(np.uint64)
         key <<= np.uint64(32)
         key |= self.low

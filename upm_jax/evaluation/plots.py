@@ -1,34 +1,17 @@
 """Pictures: CMC curves (matplotlib, Agg canvas) and rank-list montages (Pillow)."""
-import os
-import tempfile
-
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from upm_jax.evaluation.distances import pairwise_distances
-from upm_jax.evaluation.features import validate_features
+from upm_jax.evaluation.features import atomic_write, validate_features
 from upm_jax.evaluation.pooling import tracklet_features
 from upm_jax.evaluation.rerank import k_reciprocal_distances
 
 GOOD_RGB = (0, 170, 0)
 BAD_RGB = (210, 0, 0)
 QUERY_RGB = (40, 90, 220)
-
-
-def _atomic_write(out_path, write):
-    """Call write(file_object) on a temp file next to `out_path`, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_cmc(curves, out_png, *, max_rank=50, title="CMC"):
@@ -48,7 +31,7 @@ def plot_cmc(curves, out_png, *, max_rank=50, title="CMC"):
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
 
 
 def rank_lists(features, query_positions, *, k=10, distance="euclidean", mode="paper",
@@ -118,4 +101,4 @@ def plot_montage(paths, ranked, out_png, *, size=(64, 128)):
             x = cell_w * (j + 1) + 8
             draw.text((x, y), f"{j + 1}: {t}", fill="black")
             canvas.paste(_thumb(paths[t], size, GOOD_RGB if ok else BAD_RGB), (x, y + label_h))
-    _atomic_write(out_png, lambda f: canvas.save(f, format="PNG"))
+    atomic_write(out_png, lambda f: canvas.save(f, format="PNG"))
