@@ -70,6 +70,15 @@ def test_matches_dense_reference_disjoint_query_and_gallery():
     np.testing.assert_allclose(got, want, atol=2e-3)
 
 
+def test_fewer_items_than_k1():
+    rng = np.random.default_rng(2)
+    feat = _clustered(rng, 9)
+    query, gallery = np.array([0, 4]), np.arange(9)
+    got = k_reciprocal_distances(feat, query, gallery)  # k1 = 20 > 8 other items
+    want = _dense_rerank(feat, query.tolist(), gallery.tolist(), 20, 6, 0.3)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
 def test_lambda_one_keeps_original_ranking():
     rng = np.random.default_rng(1)
     feat = _clustered(rng, 40)

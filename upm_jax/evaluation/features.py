@@ -51,14 +51,21 @@ def _check_float(source, name, a):
         _fail(source, name, f"expected P >= 1 and D >= 1, got shape {a.shape}")
 
 
+def first_nonfinite_row(chunk):
+    """Index of the first row of `chunk` holding NaN or inf, or None."""
+    finite = np.isfinite(chunk)
+    if finite.all():
+        return None
+    return int(np.flatnonzero(~finite.reshape(chunk.shape[0], -1).all(axis=1))[0])
+
+
 def check_finite(name, a, source=""):
     """Raise FeaturesError if `a` holds NaN or inf; scans in chunks (memmap friendly)."""
     rows = max(1, _FINITE_CHUNK_BYTES // max(1, a[0:1].nbytes)) if a.shape[0] else 1
     for start in range(0, a.shape[0], rows):
-        chunk = np.asarray(a[start:start + rows])
-        if not np.isfinite(chunk).all():
-            bad = start + int(np.nonzero(~np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1))[0][0])
-            _fail(source, name, f"contains NaN or inf (first at row {bad})")
+        bad = first_nonfinite_row(np.asarray(a[start:start + rows]))
+        if bad is not None:
+            _fail(source, name, f"contains NaN or inf (first at row {start + bad})")
 
 
 def validate_features(arrays, source="", check_frame_values=True):

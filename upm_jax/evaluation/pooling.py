@@ -10,7 +10,7 @@ import mmap
 
 import numpy as np
 
-from upm_jax.evaluation.features import FeaturesError
+from upm_jax.evaluation.features import FeaturesError, first_nonfinite_row
 
 CHUNK_BYTES = 32 << 20
 _EPS = 1e-12
@@ -83,9 +83,9 @@ def pool_tracklets(frame_feat, frame_track, num_tracklets, *, pooling="max", req
         if tracks.min() < 0 or tracks.max() >= t:
             raise FeaturesError(f"array 'frame_track': indices must lie in [0, {t}), found range "
                                 f"[{tracks.min()}, {tracks.max()}] in frames {start}..{start + c - 1}")
-        if not np.isfinite(x).all():
-            bad = start + int(np.nonzero(~np.isfinite(x).reshape(c, -1).all(axis=1))[0][0])
-            raise FeaturesError(f"array 'frame_feat': contains NaN or inf (first at row {bad})")
+        bad = first_nonfinite_row(x)
+        if bad is not None:
+            raise FeaturesError(f"array 'frame_feat': contains NaN or inf (first at row {start + bad})")
         normalize_parts(x)
         x = x.reshape(c, p * d)  # [c, P*D]
         if np.any(tracks[1:] < tracks[:-1]):

@@ -35,10 +35,10 @@ def _reciprocal_mask(nn):
     return mask
 
 
-def _expanded_sets(nn, k1):
-    """COO rows/cols of R*(p, k1) for every p, from the neighbour lists nn [S, k1+1]."""
+def _expanded_sets(nn, half):
+    """COO rows/cols of R*(p, k1) for every p, from the neighbour lists nn [S, k1+1]
+    (p first) and the expansion size half = k1/2."""
     s = nn.shape[0]
-    half = int(round(k1 / 2))
     r_mask = _reciprocal_mask(nn)  # [S, k1+1]
     nnh = np.ascontiguousarray(nn[:, :half + 1])
     h_mask = _reciprocal_mask(nnh)  # [S, half+1]
@@ -92,10 +92,13 @@ def k_reciprocal_distances(feat, query, gallery, *, distance="euclidean", k1=20,
         is_q = q_of[a:b] >= 0
         d_qg[q_of[a:b][is_q]] = d[is_q][:, g_pos]
         d[np.arange(b - a), np.arange(a, b)] = -1.0  # p itself comes first in N(p, k)
-        part = np.argpartition(d, k, axis=1)[:, :k + 1] if k + 1 < s else np.tile(np.arange(s), (b - a, 1))
+        if k + 1 < s:
+            part = np.argpartition(d, k, axis=1)[:, :k + 1]  # [B, k+1] unordered
+        else:
+            part = np.tile(np.arange(s), (b - a, 1))
         order = np.lexsort((part, np.take_along_axis(d, part, axis=1)), axis=1)
         nn[a:b] = np.take_along_axis(part, order, axis=1)
-    rows, cols = _expanded_sets(nn, k)
+    rows, cols = _expanded_sets(nn, min(int(round(k1 / 2)), k))
     w = np.exp(-table[rows, cols].astype(np.float32))
     w /= np.bincount(rows, w, minlength=s)[rows].astype(np.float32)
     v = sp.csr_array((w, (rows, cols)), shape=(s, s), dtype=np.float32)
