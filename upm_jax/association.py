@@ -26,12 +26,12 @@ Write conflicts: every occurrence of a tracklet in the batch computes its cross 
 from the same row of A', so all occurrences agree. The update is nevertheless written
 by the *first* occurrence of each tracklet in the batch only (later ones are dropped),
 and the k intra deltas of a tracklet are summed with a 0/1 matrix product before one
-write. This keeps the result bit-for-bit independent of scatter ordering (GPU scatters
-with duplicate indices are non-deterministic) and of how the batch is sharded.
+write. This makes the update deterministic (GPU scatters with duplicate indices apply
+them in no fixed order) with the same values as a scatter-add / scatter-update.
 
 Rankings compare |t|^2 - 2 q.t with the exact norm of each normalised row (1, or 0 for
 a zero row), so mathematically tied candidates tie exactly and resolve to the lowest
-row, as design.md requires (e.g. a zero anchor looking back at unit anchors).
+row, as design.md requires (e.g. a zero row R ranked back against unit anchors).
 
 Gradients follow the original TF graph: the negative's gradient goes to the selected
 anchor only (as ``top_k``), the hinge passes gradient at exactly zero (as
