@@ -230,3 +230,31 @@ def test_real_mobilenet_steps(head):
     else:
         assert final.frozen_params == {}
     assert np.abs(final.memory.intra).max() > 0
+
+
+def test_create_train_state_loads_pretrained_backbone(tmp_path):
+    from upm_jax.porting.weights_file import save_weights
+
+    mesh = sharding.make_mesh()
+    model = build_model("mobilenet_v1", "global", depth_multiplier=0.25, n_part=2)
+    image = (64, 32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image, 3))))
+    flat = {"/".join(str(k.key) for k in path): np.full(leaf.shape, 0.01 * (i + 1), np.float32)
+            for i, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(shapes["params"]["backbone"]))}
+    path = str(tmp_path / "weights.npz")
+    save_weights(path, {"backbone/" + k: v for k, v in flat.items()}, backbone="mobilenet_v1", source="test")
+    tx, _ = optim.make_optimizer("rmsprop", learning_rate=0.045, steps_per_epoch=1.0, total_steps=2)
+    memory = AnchorMemory.zeros(SIZES, 2, model.feature_dim)
+    state = train.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx, memory=memory,
+                                     mesh=mesh, pretrained=path)
+    for tree in (state.params, state.ema_params):
+        got = {"/".join(str(k.key) for k in p): np.asarray(v)
+               for p, v in jax.tree_util.tree_leaves_with_path(tree["backbone"])}
+        assert got.keys() == flat.keys()
+        for k in flat:
+            np.testing.assert_array_equal(got[k], flat[k], err_msg=k)
+    # BN moving statistics are not in the file: they stay at 0 / 1
+    stats = state.batch_stats["backbone"]["Conv2d_0"]["BatchNorm"]
+    assert not np.any(np.asarray(stats["mean"])) and np.all(np.asarray(stats["var"]) == 1)
+    assert set(state.frozen_params["head"]) == {"Logits"}
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
