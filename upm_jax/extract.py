@@ -14,33 +14,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from upm_jax import data as data_lib
 from upm_jax import evaluation
+from upm_jax import train as train_lib
 
 # scipy writes MATLAB v5 files, whose variables must stay under 2 GiB; the original MARS
 # script reads its test features from two files (test0.mat, test1.mat) for that reason.
 _MAT_LIMIT_BYTES = 2**31 - 1
 
 
-def merge_trees(a, b):
-    """Deep-merges two nested dicts with disjoint leaves (trained + frozen params)."""
-    merged = dict(a)
-    for key, value in b.items():
-        if key in merged:
-            if not (isinstance(merged[key], dict) and isinstance(value, dict)):
-                raise ValueError(f"parameter {key!r} is both trained and frozen")
-            merged[key] = merge_trees(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def inference_variables(restored):
     """Flax variables from a checkpoint's EMA params, frozen params and batch_stats."""
-    params = merge_trees(_as_dict(restored["ema_params"]), _as_dict(restored["frozen_params"]))
-    return {"params": params, "batch_stats": _as_dict(restored["batch_stats"])}
-
-
-def _as_dict(tree):
-    return {k: _as_dict(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+    return {"params": train_lib.merge_params(restored["ema_params"], restored["frozen_params"]),
+            "batch_stats": restored["batch_stats"]}
 
 
 def make_feature_fn(model, mesh):
@@ -54,8 +38,11 @@ def make_feature_fn(model, mesh):
     return jax.jit(features, out_shardings=batch_sharding)
 
 
-def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size):
+def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size, out=None):
     """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
+
+    `out`: an array to fill (e.g. an `np.lib.format.open_memmap` for sets too large for
+    memory); by default a new one.
 
     Each process decodes only its rows of each global batch; the device work of batch i
     overlaps the decoding of batch i + 1 (results are fetched one batch late).
@@ -65,8 +52,7 @@ def extract_frame_features(model, variables, table, *, mesh, batch_size, image_s
                          f"{mesh.size} devices in use")
     feature_fn = make_feature_fn(model, mesh)
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    rows = _process_rows(batch_size)
-    out = None
+    rows = process_rows(batch_size)
     pending = None
 
     def collect(pending):
@@ -95,7 +81,7 @@ def _store(out, feats, index, num_frames):
     return out
 
 
-def _process_rows(global_batch):
+def process_rows(global_batch):
     """This process's rows of a global batch (contiguous, in process order)."""
     count = jax.process_count()
     if global_batch % count:
@@ -117,8 +103,9 @@ def features_arrays(frame_feat, dataset, *, pooling, frame_level=True):
     if frame_level:
         arrays.update(frame_feat=frame_feat, frame_track=test.tracklet.astype(np.int64))
     else:
-        arrays.update(track_feat=evaluation.pool_tracklets(
-            frame_feat, test.tracklet, len(test.tracklet_pid), pooling=pooling))
+        pooled = evaluation.pool_tracklets(frame_feat, test.tracklet, test.num_tracklets,
+                                           pooling=pooling)  # [T, P*D], unit rows
+        arrays.update(track_feat=pooled.reshape(test.num_tracklets, *frame_feat.shape[1:]))
     return arrays
 
 

@@ -3,12 +3,12 @@
 Thin on purpose: flags in, one library call (`upm_jax.run.run`) out, so notebooks and
 tests drive the same code.
 """
-import logging
 import os
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,10 +51,10 @@ def main(argv):
         jax.distributed.initialize()
     from upm_jax import run as run_lib
 
-    logging.getLogger().setLevel(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # orbax and TF log every step at INFO
     try:
         results = run_lib.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-    except (run_lib.ConfigError, run_lib.TrainingDiverged) as e:
+    except run_lib.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if results and jax.process_index() == 0:

@@ -11,9 +11,9 @@ Workdir layout (one folder per split for PRID2011 / iLIDS-VID, `split_1` otherwi
 """
 import dataclasses
 import json
-import logging
 import math
 import os
+import sys
 import time
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from upm_jax import checkpoint as checkpoint_lib
 from upm_jax import data as data_lib
@@ -32,6 +33,7 @@ from upm_jax import optim
 from upm_jax import sharding
 from upm_jax import train as train_lib
 from upm_jax.association import AnchorMemory
+from upm_jax.data import synthetic
 
 # method -> the models it trains, as (sub-folder, head).
 METHODS = {
@@ -41,7 +43,7 @@ METHODS = {
     "upm": (("lam", "local"), ("gam", "global")),
 }
 MODES = ("train", "extract", "evaluate", "all")
-SPLIT_LAYOUTS = ("prid2011", "ilidsvid", "synthetic_prid2011", "synthetic_ilidsvid")
+SPLIT_LAYOUTS = ("prid2011", "ilidsvid")
 NUM_SPLITS = 10
 
 
@@ -51,6 +53,12 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last checkpoint written before it is intact."""
+
+
+# Errors that describe bad input (config, data, weights, workdir): main prints them plainly.
+USER_ERRORS = (ConfigError, TrainingDiverged, data_lib.DatasetError, models.WeightsFileError,
+               models.PretrainedMismatchError, evaluation.FeaturesError,
+               checkpoint_lib.CheckpointError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +103,15 @@ def run(config, workdir, mode="all"):
         if initial:
             summary["initial"] = summarize(initial)
         _write_results(workdir, summary)
+        _plot(workdir, summary)
         return summary
     return {}
+
+
+def say(message):
+    """A progress message for the user, from process 0 only."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def check_config(config):
@@ -176,6 +191,16 @@ def _write_results(workdir, summary):
         _atomic_write_text(os.path.join(workdir, "results.json"), json.dumps(summary, indent=2))
 
 
+def _plot(workdir, summary):
+    """DIR/cmc.png: the mean CMC (paper mode), and the untrained network's when present."""
+    if jax.process_index() != 0:
+        return
+    curves = {"trained": summary["mean"]["paper"]["cmc"]}
+    if "initial" in summary:
+        curves["initial"] = summary["initial"]["mean"]["paper"]["cmc"]
+    evaluation.plot_cmc(curves, os.path.join(workdir, "cmc.png"))
+
+
 def _atomic_write_text(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -183,13 +208,21 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def resolve_path(path, workdir):
+    """Config paths may say `{workdir}` (e.g. the demo's generated dataset)."""
+    return path.replace("{workdir}", os.path.abspath(workdir)) if path else path
+
+
 def _load_dataset(config, split, workdir):
-    root = config.data.root
+    root = resolve_path(config.data.root, workdir)
+    split_file = resolve_path(config.data.split_file, workdir) or None
     if config.data.synthetic_ids and not os.path.isdir(root):
-        data_lib.synthetic.generate(
-            _synthetic_base_layout(config.data.layout), root, ids=config.data.synthetic_ids,
-            seed=config.seed)
-    split_file = config.data.split_file or None
+        if jax.process_index() == 0:
+            say(f"generating a synthetic {config.data.layout} set ({config.data.synthetic_ids} "
+                f"ids) in {root}")
+            synthetic.generate(config.data.layout, root, ids=config.data.synthetic_ids,
+                               seed=config.seed)
+        multihost_utils.sync_global_devices("synthetic dataset")
     dataset = data_lib.load_dataset(
         config.data.layout, root, split=split, split_file=split_file,
         skip_corrupt=config.data.skip_corrupt)
@@ -199,12 +232,8 @@ def _load_dataset(config, split, workdir):
             f"config.data.num_cameras={expected} but {root!r} ({config.data.layout}) has "
             f"{dataset.num_cameras} cameras with training tracklets")
     for path, reason in dataset.skipped:
-        logging.warning("skipped %s: %s", path, reason)
+        say(f"skipped {path}: {reason}")
     return dataset
-
-
-def _synthetic_base_layout(layout):
-    return layout[len("synthetic_"):] if layout.startswith("synthetic_") else layout
 
 
 def build_model(config, head):
@@ -270,13 +299,9 @@ class Trainer:
                 image_size=config.data.image_size, seed=config.seed,
                 mesh=self.mesh).iterate(start_step)
             return
-        index_sharding = sharding.batch_sharding(self.mesh)
-        rows = extract_lib._process_rows(config.train.batch_size)
-        for step in range(start_step, config.train.steps):
-            index = data_lib.batch_indices(config.seed, step, self.num_frames,
-                                           config.train.batch_size)
-            yield {"index": jax.make_array_from_process_local_data(
-                index_sharding, np.asarray(index[rows], np.int32))}
+        yield from data_lib.resident_batches(
+            self.num_frames, global_batch=config.train.batch_size, seed=config.seed,
+            mesh=self.mesh, start_step=start_step)
 
     def step(self, batch):
         if self.resident is None:
@@ -295,7 +320,7 @@ def train_model(config, dataset, model_run, mesh):
     start = checkpoints.latest_step()
     if start is not None:
         trainer.state = checkpoints.restore(checkpoint_lib.abstract_like(trainer.state))
-        logging.info("resuming %s from step %d", model_run.directory, start)
+        say(f"resuming {model_run.directory} from its checkpoint at step {start}")
     else:
         start = 0
         if config.train.anchor_init == "features":
@@ -351,8 +376,8 @@ def _check_finite(host_metrics):
 
 def _init_anchors_from_features(config, dataset, trainer, mesh):
     """Anchors initialised from a first pass of the initial network over the train frames."""
-    variables = {"params": extract_lib.merge_trees(trainer.state.params,
-                                                   trainer.state.frozen_params),
+    variables = {"params": train_lib.merge_params(trainer.state.params,
+                                                  trainer.state.frozen_params),
                  "batch_stats": trainer.state.batch_stats}
     feats = extract_lib.extract_frame_features(
         trainer.model, variables, dataset.train, mesh=mesh, batch_size=config.eval.batch_size,
@@ -428,15 +453,7 @@ def evaluate_split(config, dataset, runs, split_dir, stem="features"):
 
 def summarize(per_split):
     """Per-split results plus their mean (ranks and mAP of both AP modes)."""
-    summary = dict(per_split)
-    splits = list(per_split.values())
-    mean = {}
-    for mode in ("paper", "standard"):
-        keys = [k for k in splits[0][mode] if k != "cmc"]
-        mean[mode] = {k: float(np.mean([s[mode][k] for s in splits])) for k in keys}
-        mean[mode]["cmc"] = np.mean([s[mode]["cmc"] for s in splits], axis=0).tolist()
-    summary["mean"] = mean
-    return summary
+    return dict(per_split, mean=evaluation.mean_results(list(per_split.values())))
 
 
 def load_config_json(path):

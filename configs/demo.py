@@ -1,0 +1,29 @@
+"""The CPU demo: a synthetic PRID2011-layout set (generated into the workdir), a small
+MobileNet v1 trained from scratch, features, and the before/after evaluation table.
+
+    python -m upm_jax.main --config configs/demo.py --workdir /tmp/demo
+"""
+from configs import base
+
+
+def get_config(arg=None):
+    config = base.get_base_config()
+    config.method = "upm_local"
+    config.data.layout = "prid2011"
+    config.data.root = "{workdir}/synthetic_prid2011"
+    config.data.split_file = "{workdir}/synthetic_prid2011/prid2011_splits.json"
+    config.data.synthetic_ids = 60
+    config.data.num_cameras = 2
+    config.data.image_size = 64
+    config.data.resident = True
+    config.model.depth_multiplier = 0.25
+    config.model.n_part = 2
+    config.model.allow_scratch = True
+    config.model.pretrained = ""
+    config.train.steps = 600
+    config.train.batch_size = 64
+    config.train.checkpoint_every = 200
+    config.train.log_every = 50
+    config.eval.batch_size = 256
+    config.eval.initial = True
+    return base.apply_shortcuts(config, arg)
