@@ -66,26 +66,33 @@ def identity(seed: int, key: int) -> dict:
             "hat": bool(rng.random() < 0.2), "hat_colour": _colour(rng)}
 
 
+def _boxes(rng, count, max_w, max_h):
+    """Axis-aligned clutter boxes (x, y, width, height in frame units, colour)."""
+    return [(rng.uniform(-0.2, 1.0), rng.uniform(-0.2, 1.0), rng.uniform(0.05, max_w),
+             rng.uniform(0.05, max_h), rng.uniform(0.0, 1.0, 3)) for _ in range(count)]
+
+
 def camera(seed: int, cam: int) -> dict:
-    """Nuisance fixed for one camera."""
+    """Nuisance fixed for one camera, its scene included (shared by all its tracklets, so
+    telling tracklets of a camera apart needs the person, as in real footage)."""
     rng = _rng(seed, 1, cam)
     return {"gain": rng.uniform(0.85, 1.15, 3), "bright": rng.uniform(-0.1, 0.1),
             "blur": rng.uniform(0.0, 1.2), "noise": rng.uniform(0.01, 0.05),
             "wall": rng.uniform(0.2, 0.8, 3), "floor": rng.uniform(0.1, 0.6, 3),
             "horizon": rng.uniform(0.45, 0.8), "flip": bool(cam % 2),
-            "scale": rng.uniform(0.72, 0.95), "x": rng.uniform(-0.12, 0.12)}
+            "scale": rng.uniform(0.72, 0.95), "x": rng.uniform(-0.12, 0.12),
+            "boxes": _boxes(rng, int(rng.integers(3, 7)), 0.6, 0.5)}
 
 
 def tracklet(seed: int, key: tuple, num_frames: int) -> dict:
-    """Background clutter, occluder and walk of one tracklet."""
+    """Small clutter, lighting, occluder and walk of one tracklet."""
     rng = _rng(seed, 2, *key)
-    boxes = [(rng.uniform(-0.2, 1.0), rng.uniform(-0.2, 1.0), rng.uniform(0.1, 0.6),
-              rng.uniform(0.1, 0.5), rng.uniform(0.0, 1.0, 3)) for _ in range(int(rng.integers(2, 6)))]
+    boxes = _boxes(rng, int(rng.integers(0, 3)), 0.25, 0.25)
     occluder = None
     if rng.random() < 0.3:
         occluder = (rng.uniform(0.0, 1.0), rng.uniform(0.12, 0.35), rng.uniform(0.5, 0.9),
                     rng.uniform(0.0, 1.0, 3))  # x, width, top, colour
-    return {"boxes": boxes, "tint": rng.uniform(-0.15, 0.15, 3), "occluder": occluder,
+    return {"boxes": boxes, "tint": rng.uniform(-0.05, 0.05, 3), "occluder": occluder,
             "bright": rng.uniform(-0.08, 0.08), "phase": rng.uniform(0, 2 * np.pi),
             "x0": rng.uniform(-0.1, 0.1), "vx": rng.uniform(-0.012, 0.012),
             "scale": rng.uniform(0.93, 1.05), "num_frames": num_frames}
@@ -119,7 +126,7 @@ def render(height: int, width: int, person: dict, cam: dict, track: dict, f: int
     img = np.empty((height, width, 3), np.float32)
     horizon = cam["horizon"] * height
     img[:] = np.where((yy < horizon)[..., None], cam["wall"], cam["floor"]) + track["tint"]
-    for bx, by, bw, bh, colour in track["boxes"]:
+    for bx, by, bw, bh, colour in cam["boxes"] + track["boxes"]:
         _fill_box(img, by * height, (by + bh) * height, bx * width, (bx + bw) * width, colour)
 
     ph = height * cam["scale"] * track["scale"] * person["height"]   # person height in pixels
