@@ -171,3 +171,13 @@ def test_pipeline_names_a_corrupt_frame(ds, tmp_path):
     with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
         next(TrainInput(table, global_batch=4, image_size=IMAGE_SIZE, seed=0,
                         mesh=_mesh(1)).iterate(0))
+
+
+def test_throughput_benchmark_reports_both_formats():
+    from upm_jax.data.benchmark import decode_resize_throughput
+    result = decode_resize_throughput(num_images=4, min_seconds=0.01, num_threads=2)
+    assert result["out_size"] == [256, 128] and result["threads"] == 2
+    for fmt in ("png", "jpeg"):
+        assert set(result[fmt]) == {"single_thread", "pool", "pool_per_core"}
+        assert result[fmt]["single_thread"] > 0
+        assert result[fmt]["pool_per_core"] == result[fmt]["pool"] / result["cpu_cores"]
