@@ -68,11 +68,12 @@ def check_finite(name, a, source=""):
             _fail(source, name, f"contains NaN or inf (first at row {start + bad})")
 
 
-def validate_features(arrays, source="", check_frame_values=True):
+def validate_features(arrays, source="", check_values=True):
     """Check keys, dtypes, ranks, lengths, index ranges and finiteness of a features dict.
 
-    `check_frame_values=False` skips the NaN/inf scan and the frame_track range check of
-    the per-frame arrays (pooling streams through them and checks them chunk by chunk).
+    `check_values=False` skips the full passes over the feature arrays (NaN/inf scans and
+    the frame_track range): pooling checks frames chunk by chunk as it streams them, and
+    `tracklet_features` checks pooled features through their norms.
     Returns the number of tracklets T.
     """
     unknown = sorted(set(arrays) - ALLOWED_KEYS)
@@ -116,7 +117,8 @@ def validate_features(arrays, source="", check_frame_values=True):
         _check_float(source, "track_feat", feat)
         if feat.shape[0] != t:
             _fail(source, "track_feat", f"has {feat.shape[0]} rows but 'pid' has length {t}")
-        check_finite("track_feat", feat, source)
+        if check_values:
+            check_finite("track_feat", feat, source)
     else:
         feat, track = arrays["frame_feat"], arrays["frame_track"]
         _check_float(source, "frame_feat", feat)
@@ -126,7 +128,7 @@ def validate_features(arrays, source="", check_frame_values=True):
                                          f"{feat.shape[0]}")
         if feat.shape[0] == 0:
             _fail(source, "frame_feat", "has no frames")
-        if check_frame_values:
+        if check_values:
             if track.min() < 0 or track.max() >= t:
                 _fail(source, "frame_track", f"indices must lie in [0, {t}), found range "
                                              f"[{track.min()}, {track.max()}]")
@@ -198,8 +200,9 @@ def load_features(path, *, mmap=True):
     """Read and validate a features file; returns a dict of arrays.
 
     Uncompressed feature members (what `save_features` writes) come back memory-mapped;
-    everything else is read normally, never with pickle. Per-frame NaN/inf and
-    frame_track range are checked by `pool_tracklets` while it streams the frames.
+    everything else is read normally, never with pickle. `track_feat` is scanned for
+    NaN/inf here; per-frame NaN/inf and the frame_track range are checked by
+    `pool_tracklets` while it streams the frames.
     """
     source = os.fspath(path)
     try:
@@ -229,5 +232,7 @@ def load_features(path, *, mmap=True):
     if "pooling" in arrays:
         pooling = arrays["pooling"]
         arrays["pooling"] = str(pooling) if pooling.ndim == 0 and pooling.dtype.kind == "U" else pooling
-    validate_features(arrays, source=source, check_frame_values=False)
+    validate_features(arrays, source=source, check_values=False)
+    if "track_feat" in arrays:
+        check_finite("track_feat", arrays["track_feat"], source)
     return arrays

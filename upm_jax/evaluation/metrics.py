@@ -17,7 +17,7 @@ import numpy as np
 
 from upm_jax.evaluation.distances import DISTANCES, pairwise_distances
 from upm_jax.evaluation.features import load_features, validate_features
-from upm_jax.evaluation.pooling import tracklet_features
+from upm_jax.evaluation.pooling import tracklet_features_and_sqnorms
 from upm_jax.evaluation.rerank import k_reciprocal_distances
 
 AP_MODES = ("paper", "standard")
@@ -138,8 +138,8 @@ def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if pooling not in (None, "max", "mean"):
         raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
-    validate_features(features, check_frame_values=False)
-    feat = tracklet_features(features, pooling=pooling)  # [T, F]
+    validate_features(features, check_values=False)
+    feat, sq = tracklet_features_and_sqnorms(features, pooling=pooling)  # [T, F], [T]
     pid = np.asarray(features["pid"]).astype(np.int64)
     cam = np.asarray(features["cam"]).astype(np.int64)
     query = np.asarray(features["query"]).astype(np.int64)
@@ -155,11 +155,11 @@ def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling
     else:
         same = _is_identity(gallery, feat.shape[0])
         g_feat = feat if same else np.ascontiguousarray(feat[gallery])  # [G, F]
-        g_sq = np.einsum("mf,mf->m", g_feat, g_feat)
         q_feat = np.ascontiguousarray(feat[query])  # [Q, F]
+        q_sq, g_sq = sq[query], sq[gallery]
         for s in range(0, n_q, block):
             ranker.add(s, pairwise_distances(q_feat[s:s + block], g_feat, distance=distance,
-                                             b_sqnorm=g_sq))
+                                             a_sqnorm=q_sq[s:s + block], b_sqnorm=g_sq))
     lengths = {"paper": n_g, "standard": n_g - int(g_is_query.sum())}
     result = {}
     for mode in modes:

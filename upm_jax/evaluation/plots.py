@@ -44,7 +44,7 @@ def rank_lists(features, query_positions, *, k=10, distance="euclidean", mode="p
     """
     if mode not in ("paper", "standard"):
         raise ValueError(f"mode must be 'paper' or 'standard', got {mode!r}")
-    validate_features(features, check_frame_values=False)
+    validate_features(features, check_values=False)
     query = np.asarray(features["query"]).astype(np.int64)
     gallery = np.asarray(features["gallery"]).astype(np.int64)
     positions = np.asarray(query_positions, dtype=np.int64).reshape(-1)

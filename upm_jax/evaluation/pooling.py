@@ -10,7 +10,7 @@ import mmap
 
 import numpy as np
 
-from upm_jax.evaluation.features import FeaturesError, first_nonfinite_row
+from upm_jax.evaluation.features import FeaturesError, check_finite, first_nonfinite_row
 
 CHUNK_BYTES = 32 << 20
 _EPS = 1e-12
@@ -110,17 +110,33 @@ def pool_tracklets(frame_feat, frame_track, num_tracklets, *, pooling="max", req
     return l2_normalize_rows(out)
 
 
+def tracklet_features_and_sqnorms(arrays, *, pooling=None):
+    """(tracklet features [T, P*D] float32, their squared norms [T]) of a features dict.
+
+    Pooled (`track_feat`) rows are used as given; a NaN/inf among them shows up in the
+    squared norms, which are computed anyway for the distances, so no extra scan is needed.
+    """
+    t = arrays["pid"].shape[0]
+    if "track_feat" in arrays:
+        feat = np.ascontiguousarray(arrays["track_feat"], dtype=np.float32).reshape(t, -1)
+        sq = np.einsum("tf,tf->t", feat, feat)
+        if not np.isfinite(sq).all():
+            check_finite("track_feat", feat)
+            row = int(np.flatnonzero(~np.isfinite(sq))[0])
+            raise FeaturesError(f"array 'track_feat': values too large (squared norm of row {row} "
+                                f"overflows float32)")
+        return feat, sq
+    pooling = pooling or str(arrays.get("pooling", "max"))
+    required = np.union1d(arrays["query"], arrays["gallery"])
+    feat = pool_tracklets(arrays["frame_feat"], arrays["frame_track"], t, pooling=pooling,
+                          required=required)
+    return feat, np.einsum("tf,tf->t", feat, feat)
+
+
 def tracklet_features(arrays, *, pooling=None):
     """Unit tracklet features [T, P*D] float32 from a validated features dict.
 
     `pooling` overrides the file's own `pooling` entry (default "max"); it only matters
     for per-frame files.
     """
-    t = arrays["pid"].shape[0]
-    if "track_feat" in arrays:
-        feat = arrays["track_feat"]
-        return np.ascontiguousarray(feat, dtype=np.float32).reshape(t, -1)
-    pooling = pooling or str(arrays.get("pooling", "max"))
-    required = np.union1d(arrays["query"], arrays["gallery"])
-    return pool_tracklets(arrays["frame_feat"], arrays["frame_track"], t, pooling=pooling,
-                          required=required)
+    return tracklet_features_and_sqnorms(arrays, pooling=pooling)[0]
