@@ -59,7 +59,7 @@ def decode(path: str) -> np.ndarray:
     """Decodes an image file to uint8 [h, w, 3] RGB; a clear error names an unreadable file."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot decode image {path}: {e}") from e
 
