@@ -79,7 +79,7 @@ def _prepare_evaluate(parts, dim, workdir):
     save_features(os.path.join(workdir, "mars.npz"), **synthetic_mars(parts=parts, dim=dim))
 
 
-def _case_evaluate(parts, dim, workdir, repeats=3):
+def _case_evaluate(parts, dim, workdir, repeats=5):
     """End to end from a pooled features file (load + both AP modes), first run and best of
     `repeats`; plus the query-gallery product alone (best of `repeats`)."""
     times, cpu = [], []
