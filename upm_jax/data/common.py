@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -63,8 +63,7 @@ def _check_image(path: str) -> str | None:
     return None
 
 
-def screen_corrupt(tables: Sequence[FrameTable], num_threads: int | None = None,
-                   progress: Callable | None = None):
+def screen_corrupt(tables: Sequence[FrameTable], num_threads: int | None = None):
     """Decodes every frame; returns (tables without unreadable frames, [(path, reason)]).
 
     A tracklet whose frames are all unreadable is an error naming it (its anchor would be empty).
@@ -76,8 +75,6 @@ def screen_corrupt(tables: Sequence[FrameTable], num_threads: int | None = None,
             reasons = list(pool.map(_check_image, table.path, chunksize=64))
             bad = np.array([r is not None for r in reasons], bool)
             skipped.extend((p, r) for p, r in zip(table.path[bad], np.asarray(reasons, object)[bad]))
-            if progress:
-                progress(table.num_frames)
             if not bad.any():
                 out.append(table)
                 continue
