@@ -45,6 +45,8 @@ def get_base_config():
     config.model.n_part = 8                  # stripes for upm_local / upm_global
     config.model.dtype = "float32"           # compute dtype: float32 | bfloat16
     config.model.train_relation = False      # False = the originals' frozen GAM relation layers
+    # BatchNorm moving-average decay; None = slim's (MobileNet 0.9997, ResNet 0.997).
+    config.model.bn_decay = ml_collections.config_dict.placeholder(float)
     config.model.pretrained = ""             # .npz written by tools/port_weights.py; '' = from scratch
     config.model.allow_scratch = False       # a paper config refuses to train without weights
 

@@ -18,6 +18,9 @@ def get_config(arg=None):
     config.data.resident = True
     config.model.depth_multiplier = 0.25
     config.model.n_part = 2
+    # 600 steps are too few for slim's BN decay (0.9997^600 = 0.84: the moving statistics
+    # would still be mostly their initial 0/1 at extraction).
+    config.model.bn_decay = 0.95
     config.model.allow_scratch = True
     config.model.pretrained = ""
     config.train.steps = 600

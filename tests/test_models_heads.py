@@ -232,3 +232,18 @@ def test_rejects_non_rgb_images():
     model = build_model("mobilenet_v1", "dal", depth_multiplier=0.25)
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\].*\(2, 64, 32, 1\)"):
         model.init(jax.random.key(0), jnp.zeros((2, 64, 32, 1)))
+
+
+def test_bn_decay_override_sets_the_moving_average_rate():
+    """build_model(bn_decay=d): one training step moves the moving mean by (1 - d)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 1.0, (4, 64, 32, 3)), jnp.float32)
+    moved = {}
+    for decay in (None, 0.5):
+        model = build_model("mobilenet_v1", "dal", depth_multiplier=0.25, bn_decay=decay)
+        variables = model.init(jax.random.PRNGKey(0), x)
+        _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        moved[decay] = np.asarray(updates["batch_stats"]["backbone"]["Conv2d_0"]["BatchNorm"]["mean"])
+    # Same batch mean in both runs (same weights), so the updates scale as (1 - decay).
+    np.testing.assert_allclose(moved[0.5], moved[None] * (0.5 / (1 - 0.9997)), rtol=1e-4)
+    with pytest.raises(ValueError, match="bn_decay"):
+        build_model("mobilenet_v1", "dal", bn_decay=1.0)

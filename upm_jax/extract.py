@@ -42,53 +42,39 @@ def extract_frame_features(model, variables, table, *, mesh, batch_size, image_s
     """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
 
     `out`: an array to fill (e.g. an `np.lib.format.open_memmap` for sets too large for
-    memory); by default a new one.
-
-    Each process decodes only its rows of each global batch; the device work of batch i
-    overlaps the decoding of batch i + 1 (results are fetched one batch late).
+    memory); by default a new one. Each process decodes only its contiguous slice of each
+    global batch; the device work of batch i overlaps the decoding of batch i + 1 (results
+    are fetched one batch late).
     """
     if batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
                          f"{mesh.size} devices in use")
     feature_fn = make_feature_fn(model, mesh)
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    rows = process_rows(batch_size)
+    num_frames = table.num_frames
     pending = None
 
-    def collect(pending):
-        feats, index, valid = pending
-        feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))
-        return feats[valid], index[valid]
+    def collect(out, pending):
+        feats, start = pending
+        feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))  # [B, P, D]
+        stop = min(start + batch_size, num_frames)
+        if out is None:
+            out = np.zeros((num_frames,) + feats.shape[1:], np.float32)
+        out[start:stop] = feats[:stop - start]
+        return out
 
-    for batch in data_lib.test_batches(table, batch_size=batch_size, image_size=image_size):
-        local = batch["image"][rows]
-        images = jax.make_array_from_process_local_data(sharding, local)
+    batches = data_lib.test_batches(table, batch_size=batch_size, image_size=image_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    for start, batch in zip(range(0, num_frames, batch_size), batches):
+        images = jax.make_array_from_process_local_data(sharding, batch["image"])
         feats = feature_fn(variables, images)
         if pending is not None:
-            done, index = collect(pending)
-            out = _store(out, done, index, len(table.path))
-        pending = (feats, batch["index"], batch["valid"])
+            out = collect(out, pending)
+        pending = (feats, start)
     if pending is not None:
-        done, index = collect(pending)
-        out = _store(out, done, index, len(table.path))
+        out = collect(out, pending)
     return out
-
-
-def _store(out, feats, index, num_frames):
-    if out is None:
-        out = np.zeros((num_frames,) + feats.shape[1:], np.float32)
-    out[index] = feats
-    return out
-
-
-def process_rows(global_batch):
-    """This process's rows of a global batch (contiguous, in process order)."""
-    count = jax.process_count()
-    if global_batch % count:
-        raise ValueError(f"batch {global_batch} is not divisible by {count} processes")
-    per = global_batch // count
-    start = jax.process_index() * per
-    return slice(start, start + per)
 
 
 def features_arrays(frame_feat, dataset, *, pooling, frame_level=True):
@@ -126,14 +112,13 @@ def write_mat(directory, frame_feat, dataset, layout):
     feats = frame_feat.reshape(len(frame_feat), -1).T  # [P*D, N]
     if layout == "mars" or feats.nbytes > _MAT_LIMIT_BYTES:
         half = feats.shape[1] // 2
-        parts = {"test0.mat": feats[:, :half], "test1.mat": feats[:, half:]}
+        files = {"test0.mat": ("test", feats[:, :half]), "test1.mat": ("test", feats[:, half:])}
     else:
-        parts = {"test.mat": feats}
-    parts["testID.mat"] = test.pid.astype(np.float64)[:, None]
-    parts["testCAM.mat"] = (test.camera.astype(np.float64) + 1)[:, None]
-    for name, value in parts.items():
-        key = name.split(".")[0].replace("0", "").replace("1", "")
-        _atomic_savemat(os.path.join(directory, name), {key: np.ascontiguousarray(value)})
+        files = {"test.mat": ("test", feats)}
+    files["testID.mat"] = ("testID", test.pid.astype(np.float64)[:, None])
+    files["testCAM.mat"] = ("testCAM", (test.camera.astype(np.float64) + 1)[:, None])
+    for name, (variable, value) in files.items():
+        _atomic_savemat(os.path.join(directory, name), {variable: np.ascontiguousarray(value)})
 
 
 def _atomic_savemat(path, variables):

@@ -241,7 +241,8 @@ def build_model(config, head):
     return models.build_model(
         config.model.backbone, head, n_part=1 if head == "dal" else config.model.n_part,
         depth_multiplier=config.model.depth_multiplier,
-        dtype=jnp.dtype(config.model.dtype), train_relation=config.model.train_relation)
+        dtype=jnp.dtype(config.model.dtype), train_relation=config.model.train_relation,
+        bn_decay=config.model.bn_decay)
 
 
 def schedule_lengths(config, num_frames):

@@ -39,10 +39,11 @@ class MobileNetV1(nn.Module):
 
     depth_multiplier: float = 1.0
     dtype: Any = jnp.float32
+    bn_decay: float = BN_DECAY
 
     @nn.compact
     def __call__(self, x, train: bool) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
-        common = dict(kernel_init=kernel_init(), bn_decay=BN_DECAY, bn_epsilon=BN_EPSILON,
+        common = dict(kernel_init=kernel_init(), bn_decay=self.bn_decay, bn_epsilon=BN_EPSILON,
                       dtype=self.dtype, activation=nn.relu6, padding="SAME")
         endpoints = {}
         x = ConvBN(scaled_depth(STEM_DEPTH, self.depth_multiplier), 3, stride=2,

@@ -1,5 +1,5 @@
 """The top-level re-id model (backbone + head) and ``build_model``, the name -> model registry."""
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 class BackboneSpec(NamedTuple):
     """What the model needs to know about a backbone (its init and BN settings feed the GAM)."""
 
-    make: Callable[..., nn.Module]  # (depth_multiplier, dtype, name) -> module
+    make: Callable[..., nn.Module]  # (depth_multiplier, dtype, bn_decay, name) -> module
     channels: Callable[[float], int]  # depth_multiplier -> channels of the final map
     kernel_init: Callable[[], Callable]
     bn_decay: float
@@ -26,7 +26,8 @@ class BackboneSpec(NamedTuple):
 
 BACKBONES: Dict[str, BackboneSpec] = {
     "mobilenet_v1": BackboneSpec(
-        make=lambda dm, dtype, name: mobilenet_v1.MobileNetV1(dm, dtype=dtype, name=name),
+        make=lambda dm, dtype, bn_decay, name: mobilenet_v1.MobileNetV1(
+            dm, dtype=dtype, bn_decay=bn_decay, name=name),
         channels=lambda dm: mobilenet_v1.scaled_depth(1024, dm),
         kernel_init=mobilenet_v1.kernel_init,
         bn_decay=mobilenet_v1.BN_DECAY,
@@ -35,7 +36,8 @@ BACKBONES: Dict[str, BackboneSpec] = {
         has_depth_multiplier=True,
     ),
     "resnet_v1_50": BackboneSpec(
-        make=lambda dm, dtype, name: resnet_v1.ResNetV1_50(dtype=dtype, name=name),
+        make=lambda dm, dtype, bn_decay, name: resnet_v1.ResNetV1_50(
+            dtype=dtype, bn_decay=bn_decay, name=name),
         channels=lambda dm: 2048,
         kernel_init=resnet_v1.kernel_init,
         bn_decay=resnet_v1.BN_DECAY,
@@ -60,6 +62,7 @@ class ReidModel(nn.Module):
     depth_multiplier: float = 1.0
     dtype: Any = jnp.float32
     train_relation: bool = False
+    bn_decay: Optional[float] = None  # None: the backbone's slim value (0.9997 / 0.997)
 
     @property
     def frozen_scopes(self) -> Tuple[Tuple[str, ...], ...]:
@@ -85,13 +88,15 @@ class ReidModel(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3] (NHWC, RGB), got shape {images.shape}")
         spec = BACKBONES[self.backbone_name]
-        fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, "backbone")(images, train)
+        bn_decay = spec.bn_decay if self.bn_decay is None else self.bn_decay
+        fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, bn_decay,
+                                    "backbone")(images, train)
         if self.head_name == "dal":
             head = DALHead(spec.dal_pooling, name="head")
         elif self.head_name == "local":
             head = LocalHead(self.n_part, name="head")
         else:
-            head = GlobalHead(self.n_part, spec.kernel_init(), spec.bn_decay, spec.bn_epsilon,
+            head = GlobalHead(self.n_part, spec.kernel_init(), bn_decay, spec.bn_epsilon,
                               self.train_relation, self.dtype, name="head")
         feats = head(fmap, train).astype(jnp.float32)  # [B, P, D]
         if return_endpoints:
@@ -101,13 +106,15 @@ class ReidModel(nn.Module):
 
 def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: int = 8,
                 depth_multiplier: float = 1.0, dtype=jnp.float32,
-                train_relation: bool = False) -> ReidModel:
+                train_relation: bool = False, bn_decay: Optional[float] = None) -> ReidModel:
     """Validate the settings and build the model (see ``ReidModel``).
 
     backbone: 'mobilenet_v1' | 'resnet_v1_50'; head: 'dal' (P = 1) | 'local' (LAM) | 'global'
     (GAM); n_part: stripes for local/global; depth_multiplier: MobileNet width (ResNet: 1.0);
     dtype: compute dtype (params stay float32); train_relation: train the GAM relation layers
-    instead of keeping them frozen at their initialisation (the originals' behaviour).
+    instead of keeping them frozen at their initialisation (the originals' behaviour);
+    bn_decay: BatchNorm moving-average decay, None for the backbone's slim value (short runs
+    such as the CPU demo need a faster one for the moving statistics to converge).
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
@@ -122,5 +129,7 @@ def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: in
                          f"depth_multiplier={depth_multiplier!r} (expected 1.0)")
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in COMPUTE_DTYPES]:
         raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+    if bn_decay is not None and not 0.0 <= float(bn_decay) < 1.0:
+        raise ValueError(f"bn_decay must lie in [0, 1), got {bn_decay!r}")
     return ReidModel(backbone, head, int(n_part), float(depth_multiplier), jnp.dtype(dtype),
-                     bool(train_relation))
+                     bool(train_relation), None if bn_decay is None else float(bn_decay))
