@@ -64,6 +64,15 @@ def test_query_whose_matches_are_all_junk():
     assert r["standard"]["rank5"] == 100.0
 
 
+def test_junk_query_has_no_match():
+    # a query with pid -1: its pid -1 gallery entries are junk, not matches
+    f = _features([0.0, 0.1, 0.2], pid=[-1, -1, 2], cam=[1, 2, 2], query=[0], gallery=[1, 2])
+    r = evaluate(f, ap="paper")
+    assert (r["paper"]["mAP"], r["paper"]["cmc"], r["paper"]["num_queries"]) == (0.0, [0.0, 0.0], 1)
+    with pytest.raises(ValueError, match="standard mode: no query has a valid match"):
+        evaluate(f, ap="standard")
+
+
 def test_distractors_are_ordinary_non_matches():
     f = _features([0.0, 0.1, 0.2], pid=[1, 0, 1], cam=[1, 2, 2], query=[0], gallery=[1, 2])
     r = evaluate(f)

@@ -22,19 +22,16 @@ from upm_jax.evaluation.rerank import k_reciprocal_distances
 
 AP_MODES = ("paper", "standard")
 RANKS = (1, 5, 10, 20)
-_LOW_BITS = 3  # key low bits: bit0 good, bit1 junk, bit2 gallery entry is a query
+_LOW_BITS = 3  # key low bits: category (1 good, 2 or 3 junk), bit 2: the entry is a query
 _MAX_GALLERY = 1 << (32 - _LOW_BITS)
 _BLOCK_ELEMENTS = 1 << 22  # query-block size x gallery size per ranking step
+_PRODUCT_ELEMENTS = 1 << 26  # ... per distance product (256 MB of float32): few, large products
 
 
-def _hit_ranks(skip, hit):
-    """Rows and 1-based ranks among non-skipped entries of the hits in a sorted block."""
-    rows, cols = np.nonzero(hit)
-    g = hit.shape[1]
-    skip_flat = np.flatnonzero(skip)
-    hit_flat = rows * g + cols
-    before = np.searchsorted(skip_flat, hit_flat) - np.searchsorted(skip_flat, rows * g)
-    return rows, cols - before + 1
+def _count_before(skip_flat, rows, cols, g):
+    """For hits at (rows, cols) of a [b, g] block: how many skipped entries precede each
+    in its row. `skip_flat`: sorted flat indices of the skipped entries."""
+    return np.searchsorted(skip_flat, rows * g + cols) - np.searchsorted(skip_flat, rows * g)
 
 
 class _Ranker:
@@ -46,22 +43,24 @@ class _Ranker:
             raise ValueError(f"gallery has {g} entries; at most {_MAX_GALLERY - 1} are supported")
         self.q_pid, self.q_cam = q_pid, q_cam
         self.g_pid, self.g_cam = g_pid[None, :], g_cam[None, :]
-        self.g_junk = (g_pid == -1)[None, :]
+        self.g_junk2 = ((g_pid == -1).astype(np.uint8) << 1)[None, :]  # [1, G]
         self.low = ((np.arange(g, dtype=np.uint64) << np.uint64(_LOW_BITS))
                     | (g_is_query.astype(np.uint64) << np.uint64(2)))  # [G]
         self.hits = {m: ([], []) for m in AP_MODES}
 
     def add(self, start, dist):
-        """Rank queries start..start+len(dist)-1 given their distances [b, G] to the gallery."""
+        """Rank queries start..start+len(dist)-1 given their distances [b, G] to the gallery
+        (float32; overwritten)."""
         b = dist.shape[0]
         qp = self.q_pid[start:start + b, None]
         qc = self.q_cam[start:start + b, None]
-        same = self.g_pid == qp  # [b, G]
-        same_cam = self.g_cam == qc
-        junk = (same & same_cam) | self.g_junk
-        good = same & ~same_cam & ~self.g_junk
-        cat = good.view(np.uint8) | (junk.view(np.uint8) << 1)  # [b, G]
-        dist = np.maximum(dist, 0.0)
+        same = (self.g_pid == qp).view(np.uint8)  # [b, G]
+        same_cam = (self.g_cam == qc).view(np.uint8)
+        # 1 = same pid in another camera (good), 2 = same pid and camera (junk); pid -1
+        # entries get bit 1 too, so any value >= 2 in the low two bits is junk
+        cat = np.left_shift(same, same_cam, out=same)
+        cat |= self.g_junk2
+        np.maximum(dist, 0.0, out=dist)
         dist += 0.0  # -0.0 -> +0.0, so that equal distances have equal bit patterns and tie
         key = dist.view(np.uint32).astype(np.uint64)
         key <<= np.uint64(32)
@@ -70,13 +69,20 @@ class _Ranker:
         key.sort(axis=1)  # unique keys: distance, then gallery position -> a stable ranking
         low_byte = key.view(np.uint8)[:, 0::8] if np.little_endian else key.view(np.uint8)[:, 7::8]
         c = low_byte & 7  # [b, G] category bits in ranked order
-        paper_hit = (c & 3) == 1
-        paper_skip = (c & 3) == 2
-        for mode, skip, hit in (("paper", paper_skip, paper_hit),
-                                ("standard", paper_skip | (c >= 4), paper_hit & (c < 4))):
-            rows, ranks = _hit_ranks(skip, hit)
-            self.hits[mode][0].append(rows + start)
-            self.hits[mode][1].append(ranks)
+        g = c.shape[1]
+        c3 = c & 3
+        paper_skip = c3 >= 2
+        rows, cols = np.nonzero(c3 == 1)  # hits, row-major: ranks ascend within a row
+        before = _count_before(np.flatnonzero(paper_skip), rows, cols, g)
+        self.hits["paper"][0].append(rows + start)
+        self.hits["paper"][1].append(cols - before + 1)
+        # standard mode also skips the gallery entries that are queries (bit 2)
+        keep = c[rows, cols] < 4
+        rows, cols, before = rows[keep], cols[keep], before[keep]
+        query_skip = np.flatnonzero((c >= 4) & ~paper_skip)
+        before += _count_before(query_skip, rows, cols, g)
+        self.hits["standard"][0].append(rows + start)
+        self.hits["standard"][1].append(cols - before + 1)
 
 
 def _summary(n_query, rows, ranks, length, mode):
@@ -157,9 +163,13 @@ def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling
         g_feat = feat if same else np.ascontiguousarray(feat[gallery])  # [G, F]
         q_feat = np.ascontiguousarray(feat[query])  # [Q, F]
         q_sq, g_sq = sq[query], sq[gallery]
-        for s in range(0, n_q, block):
-            ranker.add(s, pairwise_distances(q_feat[s:s + block], g_feat, distance=distance,
-                                             a_sqnorm=q_sq[s:s + block], b_sqnorm=g_sq))
+        product_block = max(block, _PRODUCT_ELEMENTS // n_g // block * block)
+        for p in range(0, n_q, product_block):
+            dist = pairwise_distances(q_feat[p:p + product_block], g_feat, distance=distance,
+                                      a_sqnorm=q_sq[p:p + product_block], b_sqnorm=g_sq,
+                                      squared=True)  # [<=product_block, G]
+            for s in range(0, dist.shape[0], block):
+                ranker.add(p + s, dist[s:s + block])
     lengths = {"paper": n_g, "standard": n_g - int(g_is_query.sum())}
     result = {}
     for mode in modes:
