@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from upm_jax.evaluation.distances import pairwise_distances
 
 _ROW_BLOCK = 512
+_DIST_ROWS = 1536  # rows per distance product: few large products (BLAS re-packs S x F each)
 _JACCARD_ENTRIES = 1 << 22
 
 
@@ -83,10 +84,12 @@ def k_reciprocal_distances(feat, query, gallery, *, distance="euclidean", k1=20,
     table = np.empty((s, s), dtype=np.float16)  # d(p, g), normalised per row
     d_qg = np.empty((query.shape[0], gallery.shape[0]), dtype=np.float32)  # [Q, G]
     nn = np.empty((s, k + 1), dtype=np.int64)
-    for a in range(0, s, _ROW_BLOCK):
-        b = min(s, a + _ROW_BLOCK)
-        d = pairwise_distances(x[a:b], x, distance=distance, b_sqnorm=x_sq)  # [B, S]
-        np.square(d, out=d)
+    for a in range(0, s, _DIST_ROWS):
+        b = min(s, a + _DIST_ROWS)
+        d = pairwise_distances(x[a:b], x, distance=distance, a_sqnorm=x_sq[a:b], b_sqnorm=x_sq,
+                               squared=True)  # [B, S]
+        if distance != "euclidean":
+            np.square(d, out=d)
         d /= np.maximum(d.max(axis=1, keepdims=True), 1e-12)
         table[a:b] = d
         is_q = q_of[a:b] >= 0
