@@ -200,7 +200,8 @@ def mars_size_benchmark(*, evaluate_sizes=((1, 1024), (8, 1280)), pooling_size=(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m upm_jax.evaluation.benchmark",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="DAL-size evaluate and rerank only")
     parser.add_argument("--json", help="write the records to this file")
     args = parser.parse_args(argv)

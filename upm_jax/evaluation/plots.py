@@ -55,7 +55,8 @@ def rank_lists(features, query_positions, *, k=10, distance="euclidean", mode="p
     if rerank:
         dist = k_reciprocal_distances(feat, query, gallery, distance=distance)[positions]
     else:
-        dist = pairwise_distances(feat[query[positions]], feat[gallery], distance=distance)
+        dist = pairwise_distances(feat[query[positions]], feat[gallery], distance=distance,
+                                  squared=True)
     out = []
     for row, q in zip(dist, query[positions]):
         order = gallery[np.argsort(row, kind="stable")]
