@@ -247,3 +247,31 @@ def test_bn_decay_override_sets_the_moving_average_rate():
     np.testing.assert_allclose(moved[0.5], moved[None] * (0.5 / (1 - 0.9997)), rtol=1e-4)
     with pytest.raises(ValueError, match="bn_decay"):
         build_model("mobilenet_v1", "dal", bn_decay=1.0)
+
+
+@pytest.mark.parametrize("shape, stride, padding", [
+    ((2, 17, 9, 8), 2, "SAME"), ((2, 16, 8, 8), 1, "SAME"), ((2, 16, 8, 8), 2, "SAME"),
+    ((2, 15, 9, 8), 2, ((1, 1), (1, 1))),
+])
+def test_cpu_depthwise_taps_equal_grouped_convolution(shape, stride, padding):
+    """The CPU depthwise path (shifted multiply-adds) matches XLA's grouped convolution,
+    values and gradients, for TF's asymmetric SAME and slim's explicit padding."""
+    from jax import lax
+    from upm_jax.models.layers import _depthwise_by_taps
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 1, shape[-1])), jnp.float32)
+
+    def grouped(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=shape[-1])
+
+    def taps(x, w):
+        return _depthwise_by_taps(x, w, stride, padding)
+
+    np.testing.assert_allclose(taps(x, w), grouped(x, w), atol=1e-5)
+    for argnum in (0, 1):
+        g_taps = jax.grad(lambda *a: jnp.sum(taps(*a) ** 2), argnum)(x, w)
+        g_ref = jax.grad(lambda *a: jnp.sum(grouped(*a) ** 2), argnum)(x, w)
+        np.testing.assert_allclose(g_taps, g_ref, rtol=1e-4, atol=1e-4)

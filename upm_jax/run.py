@@ -412,7 +412,8 @@ def _inference_model(config, model_run, mesh):
 def extract_model(config, dataset, model_run, mesh):
     """Writes `<model dir>/features.npz` (and `.mat` files on request) from the checkpoint."""
     model, variables = _inference_model(config, model_run, mesh)
-    _write_model_features(config, dataset, model, variables, model_run.directory, "features")
+    _write_model_features(config, dataset, model, variables, model_run.directory, "features",
+                          mesh)
 
 
 def initial_features(config, dataset, model_run, mesh):
@@ -425,12 +426,12 @@ def initial_features(config, dataset, model_run, mesh):
         variables = models.load_pretrained(variables, config.model.pretrained)
     os.makedirs(model_run.directory, exist_ok=True)
     _write_model_features(config, dataset, trainer_model, variables, model_run.directory,
-                          "initial_features")
+                          "initial_features", mesh)
 
 
-def _write_model_features(config, dataset, model, variables, directory, stem):
+def _write_model_features(config, dataset, model, variables, directory, stem, mesh):
     feats = extract_lib.extract_frame_features(
-        model, variables, dataset.test, mesh=sharding.make_mesh(),
+        model, variables, dataset.test, mesh=mesh,
         batch_size=config.eval.batch_size, image_size=config.data.image_size)
     arrays = extract_lib.features_arrays(feats, dataset, pooling=config.eval.pooling,
                                          frame_level=True)

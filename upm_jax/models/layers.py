@@ -5,6 +5,7 @@ Parameters are always float32; ``dtype`` is the compute dtype of the activations
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -67,6 +68,26 @@ def _explicit_padding(padding: str, kernel: int, stride: int):
     raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
+def _depthwise_by_taps(x, w, stride, padding):
+    """Depthwise convolution as k*k shifted multiply-adds: x [B, H, W, C], w [k, k, 1, C].
+
+    The same result as the grouped convolution (up to float summation order), and several
+    times faster, forward and backward, on XLA:CPU, whose grouped convolution is slow.
+    """
+    k = w.shape[0]
+    pads = (lax.padtype_to_pads(x.shape[1:3], (k, k), (stride, stride), padding)
+            if isinstance(padding, str) else padding)
+    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    out_h = (x.shape[1] - k) // stride + 1
+    out_w = (x.shape[2] - k) // stride + 1
+    y = None
+    for i in range(k):
+        for j in range(k):
+            tap = x[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+            y = tap * w[i, j, 0] if y is None else y + tap * w[i, j, 0]
+    return y
+
+
 class ConvBN(nn.Module):
     """Convolution without bias, then BatchNorm, then an optional activation (slim conv2d).
 
@@ -97,14 +118,19 @@ class ConvBN(nn.Module):
         else:
             w = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
             groups = 1
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype),
-            w.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=_explicit_padding(self.padding, k, self.stride),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
-        )
+        padding = _explicit_padding(self.padding, k, self.stride)
+        if self.depthwise and jax.default_backend() == "cpu":
+            y = _depthwise_by_taps(x.astype(self.dtype), w.astype(self.dtype), self.stride,
+                                   padding)
+        else:
+            y = lax.conv_general_dilated(
+                x.astype(self.dtype),
+                w.astype(self.dtype),
+                window_strides=(self.stride, self.stride),
+                padding=padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=groups,
+            )
         y = BatchNorm(self.bn_decay, self.bn_epsilon, dtype=self.dtype,
                       track_stats=self.bn_track_stats, name="BatchNorm")(y, train)
         if self.activation is not None:
