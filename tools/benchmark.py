@@ -74,9 +74,15 @@ def row_base(dtype, batch):
                 jax=jax.__version__, dtype=dtype, batch=batch)
 
 
-def _train_setup(backbone, head, batch, dtype, image_size, n_part, mesh):
-    model = models.build_model(backbone, head, n_part=1 if head == "dal" else n_part,
-                               dtype=jnp.dtype(dtype))
+def build(backbone, head, dtype, args):
+    return models.build_model(
+        backbone, head, n_part=1 if head == "dal" else args.n_part, dtype=jnp.dtype(dtype),
+        depth_multiplier=args.depth_multiplier if backbone == "mobilenet_v1" else 1.0)
+
+
+def _train_setup(backbone, head, batch, dtype, args, mesh):
+    model = build(backbone, head, dtype, args)
+    image_size = args.image_size
     height, width = image_size, image_size // 2
     feature_shape = jax.eval_shape(lambda: model.init_with_output(
         jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)), train=False)[0]).shape
@@ -104,8 +110,7 @@ def _train_setup(backbone, head, batch, dtype, image_size, n_part, mesh):
 
 def bench_train(backbone, head, batch, dtype, args, mesh):
     """Steps/s of the full training step with the on-device dataset."""
-    state, step_fn, resident, batches = _train_setup(
-        backbone, head, batch, dtype, args.image_size, args.n_part, mesh)
+    state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
     lowered = step_fn.lower(state, batches[0], resident)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -135,8 +140,8 @@ def largest_batch(backbone, head, dtype, args, mesh):
     batch, best = 64, None
     while batch <= args.max_batch_limit:
         try:
-            state, step_fn, resident, batches = _train_setup(
-                backbone, head, batch, dtype, args.image_size, args.n_part, mesh)
+            state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype,
+                                                             args, mesh)
             state, metrics = step_fn(state, batches[0], resident)
             jax.block_until_ready(metrics["loss"])
             best = batch
@@ -152,8 +157,7 @@ def largest_batch(backbone, head, dtype, args, mesh):
 
 def bench_extract(backbone, head, batch, dtype, args, mesh):
     """Extraction frames/s: device-resident frames vs the host pipeline from files."""
-    model = models.build_model(backbone, head, n_part=1 if head == "dal" else args.n_part,
-                               dtype=jnp.dtype(dtype))
+    model = build(backbone, head, dtype, args)
     height, width = args.image_size, args.image_size // 2
     variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, height, width, 3)),
                                              train=False))(jax.random.PRNGKey(0))
@@ -203,8 +207,10 @@ def bench_input(args):
 
 def bench_evaluate(args):
     from upm_jax.evaluation import benchmark as eval_benchmark
-    result = eval_benchmark.mars_size_benchmark(rerank=args.rerank)
-    return [dict(row_base("float32", 0), section="evaluate", **result)]
+    sizes = ((1, 1024), (8, 1280))
+    results = eval_benchmark.mars_size_benchmark(
+        evaluate_sizes=sizes, rerank_sizes=sizes if args.rerank else (), verbose=False)
+    return [dict(row_base("float32", 0), section="evaluate", **r) for r in results]
 
 
 def format_table(rows):
@@ -234,6 +240,7 @@ def parse_args(argv):
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--n-part", type=int, default=8)
+    parser.add_argument("--depth-multiplier", type=float, default=1.0, help="MobileNet v1 width")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-batch-limit", type=int, default=4096)

@@ -218,4 +218,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
         check_batch(batch["index"].shape[0], "batch['index']")
         return resident_jit(state, batch["index"], {k: dataset[k] for k in BATCH_KEYS})
 
+    def lower(state: TrainState, batch, dataset=None):
+        """The lowered XLA computation of one step (for cost analysis and compilation)."""
+        if dataset is None:
+            return host_jit.lower(state, batch["image"], batch["track"], batch["camera"])
+        return resident_jit.lower(state, batch["index"], {k: dataset[k] for k in BATCH_KEYS})
+
+    step_fn.lower = lower
     return step_fn

@@ -1,0 +1,30 @@
+"""The benchmark tool runs end to end on a tiny setting and writes well-formed rows (speed
+itself is measured by running the tool, never asserted here)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+
+import benchmark  # noqa: E402
+
+
+def test_train_and_extract_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--sections", "train,extract", "--backbones", "mobilenet_v1",
+                    "--heads", "upm_local", "--batches", "16", "--dtypes", "float32",
+                    "--image-size", "64", "--n-part", "2", "--depth-multiplier", "0.25",
+                    "--steps", "1", "--repeats", "1", "--extract-ids", "4",
+                    "--extract-batch", "32", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["section"] for r in rows] == ["train", "extract", "extract"]
+    train = rows[0]
+    for key in ("device", "jax", "dtype", "batch"):
+        assert key in train
+    assert train["batch"] == 16 and train["dtype"] == "float32"
+    assert train["steps_per_s"] > 0 and train["frames_per_s"] == train["steps_per_s"] * 16
+    assert train["flops_per_step"] > 1e6          # XLA's cost analysis of the whole step
+    assert train["mfu"] is None                   # no known peak for a CPU
+    assert {r["input"] for r in rows[1:]} == {"on-device", "host pipeline (PNG files)"}
+    assert all(r["frames_per_s"] > 0 for r in rows[1:])
