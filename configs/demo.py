@@ -14,7 +14,7 @@ def get_config(arg=None):
     config.data.split_file = "{workdir}/synthetic_prid2011/prid2011_splits.json"
     config.data.synthetic_ids = 60
     config.data.num_cameras = 2
-    config.data.image_size = 64
+    config.data.image_size = 128     # the generated frames' own size
     config.data.resident = True
     config.model.depth_multiplier = 0.25
     config.model.n_part = 2
@@ -24,6 +24,9 @@ def get_config(arg=None):
     config.model.allow_scratch = True
     config.model.pretrained = ""
     config.train.steps = 600
+    # From scratch the association needs a larger step than the papers' 0.045 (which
+    # starts from ImageNet weights); with 0.045 the demo gains only about 10 Rank-1 points.
+    config.train.learning_rate = 0.15
     config.train.batch_size = 64
     config.train.checkpoint_every = 200
     config.train.log_every = 50
