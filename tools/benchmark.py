@@ -46,6 +46,7 @@ PEAK_FLOPS = {
     "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
 HEADS = {"dal": "dal", "upm_local": "local", "upm_global": "global"}
+METHOD_OF_HEAD = {head: method for method, head in HEADS.items()}
 # The resident training set the train section samples from (PRID2011-like: 2 cameras).
 _FRAMES, _TRACKLETS_PER_CAMERA = 4096, (89, 89)
 
@@ -127,7 +128,8 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
     median, low, high = timed(run_steps, args.repeats)
     steps_per_s = args.steps / median
     peak = peak_flops(dtype)
-    return dict(row_base(dtype, batch), section="train", backbone=backbone, method=head,
+    return dict(row_base(dtype, batch), section="train", backbone=backbone,
+                method=METHOD_OF_HEAD[head],
                 steps_per_s=steps_per_s, frames_per_s=steps_per_s * batch,
                 steps_per_s_range=[args.steps / high, args.steps / low],
                 flops_per_step=flops,
@@ -172,7 +174,8 @@ def bench_extract(backbone, head, batch, dtype, args, mesh):
         jax.block_until_ready(out)
 
     median, low, high = timed(device_input, args.repeats)
-    rows = [dict(row_base(dtype, batch), section="extract", backbone=backbone, method=head,
+    rows = [dict(row_base(dtype, batch), section="extract", backbone=backbone,
+                method=METHOD_OF_HEAD[head],
                  input="on-device", frames_per_s=args.steps * batch / median,
                  frames_per_s_range=[args.steps * batch / high, args.steps * batch / low])]
     rows.append(_bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, head))
@@ -194,7 +197,8 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
 
         median, low, high = timed(host_input, max(1, args.repeats // 2))
     frames = len(table.path)
-    return dict(row_base(dtype, batch), section="extract", backbone=backbone, method=head,
+    return dict(row_base(dtype, batch), section="extract", backbone=backbone,
+                method=METHOD_OF_HEAD[head],
                 input="host pipeline (PNG files)", frames_per_s=frames / median,
                 frames_per_s_range=[frames / high, frames / low])
 
