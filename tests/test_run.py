@@ -2,6 +2,7 @@
 features, several splits with their mean, MATLAB exports, pooled feature files."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -81,3 +82,16 @@ def test_pooled_feature_files_evaluate_like_frame_files(tmp_path):
     for mode in ("paper", "standard"):
         assert results["mean"][mode]["rank1"] == pytest.approx(frame_level[mode]["rank1"])
         assert results["mean"][mode]["mAP"] == pytest.approx(frame_level[mode]["mAP"], abs=1e-4)
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
+    """A learning rate of 1e30 blows the weights up after the first update: the run must
+    stop naming the first non-finite step, having saved nothing at or after it."""
+    config = tiny_config(train__steps=6, train__checkpoint_every=1, train__learning_rate=1e30)
+    with pytest.raises(run.TrainingDiverged, match=r"at step (\d+)") as info:
+        run.run(config, str(tmp_path), mode="train")
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert bad_step >= 2
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "split_1" / "lam" / "checkpoints")
+                   if s.isdigit())
+    assert saved == list(range(1, bad_step))
