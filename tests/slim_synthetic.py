@@ -93,3 +93,24 @@ def port_weights_cli(argv) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
+
+
+def run_ported(backbone, scope, values, weights_path, images):
+    """Our DAL model with the ported weights and the checkpoint's own moving statistics
+    (set directly, since the port deliberately skips them): (features, endpoints)."""
+    import jax
+    from flax import traverse_util
+
+    from upm_jax.models import build_model, load_pretrained
+
+    model = build_model(backbone, "dal")
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+    variables = load_pretrained(variables, weights_path)
+    stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
+    for path, value in moving_stats(values, scope).items():
+        assert stats[path].shape == value.shape, path
+        stats[path] = value
+    variables = {"params": variables["params"],
+                 "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False, return_endpoints=True))
+    return fn(variables, images)

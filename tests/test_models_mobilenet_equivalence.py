@@ -15,13 +15,10 @@ References, with the same values (moving statistics included, inference-mode BN)
 Metric: relative error max|ours - ref| / max|ref| per endpoint; all 27 endpoints plus the DAL
 feature (slim AvgPool_1a, computed on the reference with tf.nn.avg_pool2d).
 """
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import slim_synthetic as syn
-from upm_jax.models import build_model, load_pretrained
 from upm_jax.models.mobilenet_v1 import SEPARABLE_LAYERS
 from upm_jax.porting.weights_file import load_weights
 
@@ -88,20 +85,6 @@ def _raw_tf_reference(values, images):
     return out
 
 
-def _ours(values, weights_path, images):
-    model = build_model("mobilenet_v1", "dal")
-    variables = model.init(jax.random.key(0), images[:1], train=False)
-    variables = load_pretrained(variables, weights_path)
-    stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
-    for path, value in syn.moving_stats(values, "MobilenetV1").items():
-        assert stats[path].shape == value.shape, path
-        stats[path] = value
-    variables = {"params": variables["params"],
-                 "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False, return_endpoints=True))
-    return fn(variables, images)
-
-
 def test_ported_file_restores_weights_and_gamma_beta_only(ported):
     values, out = ported
     params, meta = load_weights(out)
@@ -127,7 +110,7 @@ def test_mobilenet_matches_reference(ported, size):
     final = ref["Conv2d_13_pointwise"]
     h, w = final.shape[1:3]
     ref_dal = tf.nn.avg_pool2d(final, (min(h, 7), min(w, 7)), 2, "VALID").numpy()
-    feats, endpoints = _ours(values, out, images)
+    feats, endpoints = syn.run_ported("mobilenet_v1", "MobilenetV1", values, out, images)
     errors = {name: syn.rel_err(endpoints[name], want) for name, want in ref.items()}
     errors["AvgPool_1a"] = syn.rel_err(np.asarray(feats)[:, :, None, :], ref_dal)
     assert len(errors) == 28

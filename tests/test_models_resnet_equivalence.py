@@ -13,13 +13,10 @@ implementation (``tf.nn.fused_batch_norm``) instead of the tf_keras-based layer;
 only changes training-time moving-average updates, which inference never runs.
 """
 
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import slim_synthetic as syn
-from upm_jax.models import build_model, load_pretrained
 from upm_jax.porting.weights_file import load_weights
 
 SIZES = [(224, 224), (256, 128), (225, 161)]
@@ -65,20 +62,6 @@ def _slim_reference(ckpt, images):
             return sess.run(fetch, {x: images})
 
 
-def _ours(values, weights_path, images):
-    model = build_model("resnet_v1_50", "dal")
-    variables = model.init(jax.random.key(0), images[:1], train=False)
-    variables = load_pretrained(variables, weights_path)
-    stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
-    for path, value in syn.moving_stats(values, "resnet_v1_50").items():
-        assert stats[path].shape == value.shape, path
-        stats[path] = value
-    variables = {"params": variables["params"],
-                 "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False, return_endpoints=True))
-    return fn(variables, images)
-
-
 def test_ported_file_restores_weights_and_gamma_beta_only(ported):
     values, _, out = ported
     params, meta = load_weights(out)
@@ -98,7 +81,7 @@ def test_resnet_matches_tf_slim(ported, size):
     images = np.random.default_rng(size[0] + size[1]).uniform(-1, 1, (2, *size, 3))
     images = images.astype(np.float32)
     ref = _slim_reference(ckpt, images)
-    feats, endpoints = _ours(values, out, images)
+    feats, endpoints = syn.run_ported("resnet_v1_50", "resnet_v1_50", values, out, images)
     errors = {}
     for name, want in ref.items():
         if name == "pool5":
