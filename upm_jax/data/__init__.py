@@ -1,9 +1,9 @@
-"""Datasets: raw-layout readers, synthetic data, TFDS builders and the input pipeline.
+"""Datasets: raw-layout readers, split handling, synthetic data and the input pipeline.
 
 Readers and tables need only NumPy/SciPy/Pillow; the pipeline functions import JAX on use.
 """
 from upm_jax.data.images import decode_resize, resize_bilinear_tf1
-from upm_jax.data.readers import LAYOUTS, load_dataset
+from upm_jax.data.readers import LAYOUTS, SplitPlan, inspect_disk, load_dataset, resolve_splits
 from upm_jax.data.table import DatasetError, FrameTable, ReidDataset
 
 
@@ -19,4 +19,5 @@ def __getattr__(name):
 
 
 __all__ = ["DatasetError", "FrameTable", "LAYOUTS", "ReidDataset", "decode_resize",
-           "load_dataset", "resize_bilinear_tf1", *_PIPELINE]
+           "SplitPlan", "inspect_disk", "load_dataset", "resize_bilinear_tf1", "resolve_splits",
+           *_PIPELINE]

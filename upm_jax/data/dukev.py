@@ -14,7 +14,8 @@ import re
 import numpy as np
 
 from upm_jax.data import common
-from upm_jax.data.table import DatasetError, ReidDataset, build_table
+from upm_jax.data.table import (DatasetError, ReidDataset, build_table,
+                                cameras_without_training, per_camera)
 
 FRAME_RE = re.compile(r"(\d+)_?C(\d+)_?F(\d+)_?X(\d+)\.(?i:jpg|jpeg|png)")
 EXPECTED = ("  ROOT/train/0001/0001/0001_C6_F0099_X30823.jpg ...\n"
@@ -63,11 +64,18 @@ def load(root: str) -> ReidDataset:
     parts = {p: _read_folder(os.path.join(base, p)) for p in ("train", "query", "gallery")}
     num_cameras = max(c for part in parts.values() for c, _, _ in part) + 1
     train = build_table(parts["train"], num_cameras)
-    empty = [c + 1 for c, n in enumerate(train.tracklets_per_camera) if n == 0]
-    if empty:
-        raise DatasetError(f"DukeMTMC-VideoReID: no training tracklets from camera(s) {empty} "
-                           f"(frame names mention cameras 1..{num_cameras})")
     test = build_table(parts["query"] + parts["gallery"], num_cameras)
     return ReidDataset(layout="dukev", root=base, train=train, test=test,
                        query=np.arange(len(parts["query"])),
-                       gallery=np.arange(test.num_tracklets), num_cameras=num_cameras)
+                       gallery=np.arange(test.num_tracklets), num_cameras=num_cameras,
+                       protocol="the official train/query/gallery folders",
+                       warnings=cameras_without_training(train, "DukeMTMC-VideoReID"))
+
+
+def inventory(root: str) -> dict:
+    """What the train/query/gallery folders hold per camera (the protocol is the folders)."""
+    base = common.resolve_root(root, ("", "DukeMTMC-VideoReID"), ("train", "query", "gallery"),
+                               "dukev", EXPECTED)
+    parts = {p: _read_folder(os.path.join(base, p)) for p in ("train", "query", "gallery")}
+    return {"layout": "dukev", "root": base,
+            "parts": {p: per_camera(t) for p, t in parts.items()}}

@@ -16,7 +16,8 @@ import numpy as np
 import scipy.io
 
 from upm_jax.data import common
-from upm_jax.data.table import DatasetError, ReidDataset, build_table
+from upm_jax.data.table import (DatasetError, ReidDataset, build_table,
+                                cameras_without_training, per_camera)
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", "mars")
 NAME_RE = re.compile(r"(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})\.jpg")
@@ -110,10 +111,6 @@ def load(root: str) -> ReidDataset:
     num_cameras = max(c for part in streams.values() for c, _, _ in part) + 1
     train = build_table(streams["train"], num_cameras)
     test = build_table(streams["test"], num_cameras)
-    empty = [c + 1 for c, n in enumerate(train.tracklets_per_camera) if n == 0]
-    if empty:
-        raise DatasetError(f"MARS: no training tracklets in camera(s) {empty} (cameras 1.."
-                           f"{num_cameras} appear in the info files)")
     query, q_path = _read_mat(info_dir, "query_IDX")
     query = query.reshape(-1) - 1
     bad = query[(query < 0) | (query >= test.num_tracklets)]
@@ -121,4 +118,29 @@ def load(root: str) -> ReidDataset:
         raise DatasetError(f"{q_path}: query rows {common.name_list(bad + 1)} outside 1.."
                            f"{test.num_tracklets} (tracks_test_info rows)")
     return ReidDataset(layout="mars", root=base, train=train, test=test, query=query,
-                       gallery=np.arange(test.num_tracklets), num_cameras=num_cameras)
+                       gallery=np.arange(test.num_tracklets), num_cameras=num_cameras,
+                       protocol=f"the MARS info files ({os.path.dirname(q_path)})",
+                       warnings=cameras_without_training(train, "MARS"))
+
+
+def inventory(root: str) -> dict:
+    """What bbox_train/ and bbox_test/ hold per camera, from the frame names alone (no info
+    files needed): a tracklet is one (person, camera, tracklet number)."""
+    base = common.resolve_root(root, ("", "MARS"), ("bbox_train", "bbox_test"), "mars", EXPECTED)
+    parts = {}
+    for folder in ("bbox_train", "bbox_test"):
+        tracks, bad = {}, []
+        for sub in common.list_dirs(os.path.join(base, folder)):
+            for name in common.list_images(os.path.join(base, folder, sub)):
+                m = NAME_RE.fullmatch(name)
+                if m is None:
+                    bad.append(os.path.join(sub, name))
+                    continue
+                pid = -1 if m.group(1) == "00-1" else int(m.group(1))
+                key = (int(m.group(2)) - 1, pid, int(m.group(3)))
+                tracks.setdefault(key, []).append(name)
+        if bad:
+            raise DatasetError(f"{os.path.join(base, folder)}: frame names that do not parse as "
+                               f"PPPPCcTttttFfff.jpg: {common.name_list(bad)}")
+        parts[folder] = per_camera([(c, p, f) for (c, p, _), f in sorted(tracks.items())])
+    return {"layout": "mars", "root": base, "parts": parts}

@@ -1,36 +1,86 @@
-"""`load_dataset`: one entry point over the layout readers."""
+"""`load_dataset` and `resolve_splits`: one entry point over the layout readers."""
 from __future__ import annotations
 
-from upm_jax.data import common, dukev, ilidsvid, mars, prid2011
+import dataclasses
+
+from upm_jax.data import common, dukev, ilidsvid, mars, person_splits, prid2011, twocam
 from upm_jax.data.table import DatasetError, ReidDataset
 
 LAYOUTS = ("prid2011", "ilidsvid", "mars", "dukev")
+SPLIT_LAYOUTS = ("prid2011", "ilidsvid")
+_TWOCAM = {"prid2011": prid2011.LAYOUT, "ilidsvid": ilidsvid.LAYOUT}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """The splits a run goes through and the protocol they come from (to print)."""
+
+    numbers: list      # 1-based split numbers, in run order
+    protocol: str
+    available: list    # every split number the source has
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _single_protocol(layout: str, spec: str, split_file: str | None) -> None:
+    if split_file:
+        raise DatasetError(f"{layout}: has a single protocol; split_file={split_file!r} "
+                           "applies to prid2011/ilidsvid only")
+    parsed = person_splits.parse_spec(spec)
+    if parsed.is_random or parsed.numbers not in (None, (1,)):
+        raise DatasetError(f"{layout}: has a single protocol (split 1); splits={spec!r} "
+                           "applies to prid2011/ilidsvid only")
+
+
+def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = None) -> SplitPlan:
+    """Resolves a split spec (`config.data.splits`: 'all', '3', '1,2,5', 'random:SEED[:COUNT]')
+    against the dataset folder: the split numbers to run and the protocol used.
+
+    PRID2011/iLIDS-VID, with no split file: the official lists shipped with upm_jax when the
+    folder holds their persons, else the folder's own split file (the iLIDS-VID release's
+    .mat, torchreid's JSON, ours), else an error that names the missing persons and offers
+    `split_file` or `random:SEED`. MARS and DukeMTMC-VideoReID have one protocol, split 1.
+    """
+    _check_layout(layout)
+    if layout not in SPLIT_LAYOUTS:
+        _single_protocol(layout, splits, split_file)
+        return SplitPlan([1], f"the single {layout} protocol", [1])
+    spec = person_splits.parse_spec(splits)
+    inventory = twocam.scan(_TWOCAM[layout], root)
+    source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file)
+    return SplitPlan(person_splits.select(source, spec), source.protocol, source.numbers)
 
 
 def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | None = None,
-                 skip_corrupt: bool = False) -> ReidDataset:
+                 splits="1", skip_corrupt: bool = False) -> ReidDataset:
     """Reads a raw benchmark folder into train/test frame tables under its protocol.
 
-    PRID2011/iLIDS-VID take a 1-based `split` of `split_file` (default: the official file
-    shipped in upm_jax/data/splits/). MARS and DukeMTMC-VideoReID have one protocol. With
+    PRID2011/iLIDS-VID take the 1-based `split` of the source that `splits` and `split_file`
+    resolve to (see `resolve_splits`; only a 'random:SEED' spec changes the source, numbers
+    in it are not needed here). MARS and DukeMTMC-VideoReID have one protocol. With
     `skip_corrupt`, every frame is decoded once and unreadable ones are dropped and listed in
     `ds.skipped`; otherwise an unreadable frame fails when the pipeline decodes it.
     """
-    if layout in ("prid2011", "ilidsvid"):
-        reader = prid2011 if layout == "prid2011" else ilidsvid
-        ds = reader.load(root, split=split, split_file=split_file or None)
-    elif layout in ("mars", "dukev"):
-        if split_file:
-            raise DatasetError(f"{layout}: has a single protocol; split_file={split_file!r} "
-                               "applies to prid2011/ilidsvid only")
+    _check_layout(layout)
+    if layout in SPLIT_LAYOUTS:
+        ds = twocam.read(_TWOCAM[layout], root, split, split_file or None, splits)
+    else:
+        _single_protocol(layout, splits, split_file)
         if int(split) != 1:
             raise DatasetError(f"{layout}: has a single protocol; split must be 1, got {split}")
         ds = (mars if layout == "mars" else dukev).load(root)
-    else:
-        raise DatasetError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
     if skip_corrupt:
         (train, test), skipped = common.screen_corrupt([ds.train, ds.test])
-        ds = ReidDataset(layout=ds.layout, root=ds.root, train=train, test=test, query=ds.query,
-                         gallery=ds.gallery, num_cameras=ds.num_cameras, split=ds.split,
-                         skipped=skipped)
+        ds = dataclasses.replace(ds, train=train, test=test, skipped=skipped)
     return ds
+
+
+def inspect_disk(layout: str, root: str) -> dict:
+    """Cameras, persons, tracklets and frames on disk, whatever protocol applies."""
+    _check_layout(layout)
+    if layout in SPLIT_LAYOUTS:
+        return twocam.scan(_TWOCAM[layout], root).summary()
+    return (mars if layout == "mars" else dukev).inventory(root)

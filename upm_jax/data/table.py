@@ -107,9 +107,14 @@ class ReidDataset:
     num_cameras: int
     split: int | None = None
     skipped: list = dataclasses.field(default_factory=list)  # (path, reason)
+    protocol: str = ""           # where the split came from, as printed for the user
+    directions: str = "one"      # "one": query -> gallery; "both": also gallery -> query, mean
+    warnings: tuple = ()         # e.g. a camera without training tracklets
 
     def summary(self) -> dict:
         return {"layout": self.layout, "root": self.root, "split": self.split,
+                "protocol": self.protocol, "directions": self.directions,
+                "warnings": list(self.warnings),
                 "num_cameras": self.num_cameras, "train": self.train.summary(),
                 "test": self.test.summary(), "query": int(self.query.size),
                 "gallery": int(self.gallery.size),
@@ -141,10 +146,25 @@ def build_table(tracklets: Sequence[tuple], num_cameras: int) -> FrameTable:
                       num_cameras=num_cameras)
 
 
-def require_all_cameras(table: FrameTable, what: str, names: Sequence[str] | None = None) -> None:
-    """Raises naming every camera without tracklets (an anchor table cannot be empty)."""
-    empty = [c for c, n in enumerate(table.tracklets_per_camera) if n == 0]
-    if empty:
-        label = [names[c] if names else f"camera {c + 1}" for c in empty]
-        raise DatasetError(f"{what}: no tracklets in {', '.join(label)}; every camera needs at "
-                           f"least one")
+def cameras_without_training(train: FrameTable, layout: str) -> tuple:
+    """Warnings naming each camera without training tracklets (it simply gets no anchors)."""
+    empty = [c + 1 for c, n in enumerate(train.tracklets_per_camera) if n == 0]
+    if not empty:
+        return ()
+    return (f"{layout}: camera(s) {empty} have no training tracklets; they get no anchors and "
+            f"take part in evaluation only (cameras are numbered 1..{train.num_cameras} as on "
+            "disk)",)
+
+
+def per_camera(tracklets: Sequence[tuple]) -> list:
+    """Persons, tracklets and frames per 1-based camera of (camera0, pid, frames) tuples,
+    for the cameras that appear (pids <= 0, distractors and junk, are not persons)."""
+    out = {}
+    for cam, pid, frames in tracklets:
+        row = out.setdefault(cam, {"camera": cam + 1, "persons": set(), "tracklets": 0,
+                                   "frames": 0})
+        row["tracklets"] += 1
+        row["frames"] += len(frames)
+        if pid > 0:
+            row["persons"].add(pid)
+    return [dict(r, persons=len(r["persons"])) for _, r in sorted(out.items())]

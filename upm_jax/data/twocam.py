@@ -1,25 +1,31 @@
 """Shared reader for the two-camera benchmarks with person splits (PRID2011, iLIDS-VID).
 
-Split files (JSON): {"splits": [{"split": k, "train": [person folders in tracklet-id order],
-"test": [...], "train_frames": {"camera1": n, "camera2": n}, "test_frames": {...}}, ...]}.
-The frame counts are what the folder must hold for the listed persons; they are checked on
-every load, over every split of the file, so a differing person folder can be named.
+Reading is three steps: `scan` lists what is on disk (person folders and frames per camera,
+whatever protocol applies), `choose_source` decides where the person splits come from (see
+`person_splits` for the forms and README "Split files" for the order), and `build` turns
+one split into train/test frame tables. Frame counts given by a split file are what the
+folder must hold for the listed persons; they are checked over every split of the file, so
+a differing person folder can be named.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Callable
 
 import numpy as np
 
-from upm_jax.data import common
+from upm_jax.data import common, person_splits
+from upm_jax.data.person_splits import SplitSource, SplitSpec
 from upm_jax.data.table import DatasetError, ReidDataset, build_table
 
 SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
-PARTS = ("train", "test")
+PARTS = person_splits.PARTS
+NO_PROTOCOL_HELP = ("set config.data.split_file (--split-file) to a split file listing this "
+                    "folder's persons (accepted forms: README, 'Split files'), or use "
+                    "config.data.splits=random:SEED (--split random:SEED) for a seeded random "
+                    "half/half split of the persons seen by both cameras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,49 +39,55 @@ class TwoCamLayout:
     default_split_file: str
     expected: str          # the layout shown in errors
     frame_re: Callable | None = None   # (camera folder, person folder) -> regex for frame names
+    own_split_files: tuple = ()        # split files a copy may carry, relative to its folders
+    directions: str = "one"            # evaluation: "one" (camera 1 -> 2) or "both" (mean)
 
 
-def load_split_file(path: str) -> dict:
-    """Reads and validates a split JSON (the official schema)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise DatasetError(f"cannot read split file {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"split file {path} is not valid JSON: {e}") from e
-    splits = data.get("splits") if isinstance(data, dict) else None
-    if not isinstance(splits, list) or not splits:
-        raise DatasetError(f"split file {path}: expected an object with a non-empty 'splits' list")
-    for i, s in enumerate(splits):
-        where = f"split file {path}, splits[{i}]"
-        if not isinstance(s, dict) or not isinstance(s.get("split"), int):
-            raise DatasetError(f"{where}: expected an object with an integer 'split'")
-        for part in PARTS:
-            persons = s.get(part)
-            if not isinstance(persons, list) or not persons or not all(
-                    isinstance(p, str) for p in persons):
-                raise DatasetError(f"{where}: '{part}' must be a non-empty list of person folders")
-            if len(set(persons)) != len(persons):
-                raise DatasetError(f"{where}: '{part}' lists a person twice")
-            counts = s.get(f"{part}_frames")
-            if (not isinstance(counts, dict) or set(counts) != {"camera1", "camera2"}
-                    or not all(isinstance(v, int) for v in counts.values())):
-                raise DatasetError(f"{where}: '{part}_frames' must be "
-                                   "{\"camera1\": int, \"camera2\": int}")
-        both = set(s["train"]) & set(s["test"])
-        if both:
-            raise DatasetError(f"{where}: persons in both train and test: "
-                               f"{common.name_list(sorted(both))}")
-    return data
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """What one two-camera folder holds: per camera, person folder -> frame paths."""
+
+    layout: str
+    base: str
+    cameras: tuple         # folder names
+    frames: tuple          # per camera: {person folder: [paths in frame order]}
+
+    def persons(self, cam: int) -> list:
+        return sorted(self.frames[cam])
+
+    def in_both(self) -> list:
+        """Persons with frames in both cameras."""
+        return sorted(p for p, f in self.frames[0].items() if f and self.frames[1].get(p))
+
+    def missing(self, source: SplitSource) -> list:
+        """camera/person of every person of `source` without a folder on disk."""
+        wanted = sorted({p for s in source.splits for part in PARTS for p in getattr(s, part)})
+        return [os.path.join(c, p) for c, f in zip(self.cameras, self.frames) for p in wanted
+                if p not in f]
+
+    def summary(self) -> dict:
+        cams = [{"camera": c + 1, "folder": name, "persons": len(f), "tracklets": len(f),
+                 "frames": sum(len(v) for v in f.values())}
+                for c, (name, f) in enumerate(zip(self.cameras, self.frames))]
+        return {"layout": self.layout, "root": self.base, "parts": {"all": cams},
+                "persons_in_both_cameras": len(self.in_both())}
 
 
-def _select(data: dict, split: int, path: str) -> dict:
-    for s in data["splits"]:
-        if s["split"] == split:
-            return s
-    raise DatasetError(f"split file {path} has no split {split}; it has "
-                       f"{[s['split'] for s in data['splits']]}")
+def scan(layout: TwoCamLayout, root: str) -> Inventory:
+    """Lists every person folder and frame of both cameras (names checked, nothing decoded)."""
+    base = common.resolve_root(root, layout.candidates, layout.cameras, layout.name,
+                               layout.expected)
+    pattern = re.compile(layout.person_re)
+    frames = []
+    for cam in layout.cameras:
+        cam_dir = os.path.join(base, cam)
+        persons = common.list_dirs(cam_dir)
+        bad = [d for d in persons if not pattern.fullmatch(d)]
+        if bad:
+            raise DatasetError(f"{cam_dir}: person folders whose id does not parse "
+                               f"(expected {layout.person_re}): {common.name_list(bad)}")
+        frames.append({p: _person_frames(layout, cam_dir, cam, p) for p in persons})
+    return Inventory(layout.name, base, layout.cameras, tuple(frames))
 
 
 def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: str) -> list:
@@ -89,19 +101,60 @@ def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: st
     return [os.path.join(folder, n) for n in names]
 
 
-def _explain_mismatch(data: dict, counts: dict, cam: int, cam_name: str) -> str:
+def choose_source(layout: TwoCamLayout, inventory: Inventory, root: str, spec: SplitSpec,
+                  split_file: str | None) -> SplitSource:
+    """Where the splits come from: random:SEED, else the given file, else the shipped
+    official lists when the folder holds their persons, else the folder's own split file."""
+    if spec.is_random:
+        if split_file:
+            raise DatasetError(f"{layout.name}: splits=random:{spec.random_seed} draws its own "
+                               f"splits; do not also give a split file ({split_file})")
+        return person_splits.random_splits(inventory.in_both(), spec.random_seed,
+                                           spec.random_count)
+    folders = inventory.persons(0)
+    if split_file:
+        source = person_splits.read_split_file(split_file, folders)
+        _require_persons(layout, inventory, source, "")
+        return source
+    shipped = person_splits.read_split_file(layout.default_split_file)
+    missing = inventory.missing(shipped)
+    if not missing:
+        return dataclasses.replace(shipped, protocol=f"the official {layout.name} splits shipped "
+                                                     f"with upm_jax ({shipped.path})")
+    own = person_splits.discover(layout.own_split_files, root, inventory.base)
+    if own is None:
+        raise DatasetError(
+            f"{layout.name}: {inventory.base} does not hold the persons of the official splits "
+            f"({shipped.path}): {len(missing)} person folders are missing "
+            f"({common.name_list(missing)}), and no split file of its own was found (looked for "
+            f"{', '.join(layout.own_split_files)} next to the camera folders and above them); "
+            + NO_PROTOCOL_HELP)
+    source = person_splits.read_split_file(own, folders)
+    _require_persons(layout, inventory, source, " (found next to the data)")
+    return dataclasses.replace(source, protocol=f"this folder's own {source.protocol}")
+
+
+def _require_persons(layout, inventory, source, found):
+    missing = inventory.missing(source)
+    if missing:
+        raise DatasetError(f"{layout.name}: person folders listed in {source.path}{found} are "
+                           f"missing under {inventory.base}: {common.name_list(missing)}; "
+                           + NO_PROTOCOL_HELP)
+
+
+def _explain_mismatch(source: SplitSource, counts: dict, cam: int, cam_name: str) -> str:
     """Names the person folders whose counts explain the per-split total differences."""
     lines, residual = [f"{cam_name} (camera{cam + 1}):"], {}
-    for s in data["splits"]:
+    for s in source.splits:
         for part in PARTS:
-            found = sum(counts[p][cam] for p in s[part])
-            want = s[f"{part}_frames"][f"camera{cam + 1}"]
+            found = sum(counts[p][cam] for p in getattr(s, part))
+            want = s.frames[part][f"camera{cam + 1}"]
             if found != want:
-                residual[(s["split"], part)] = found - want
-                lines.append(f"  split {s['split']} {part}: {found} frames on disk, {want} expected")
+                residual[(s.number, part)] = found - want
+                lines.append(f"  split {s.number} {part}: {found} frames on disk, {want} expected")
     suspects = None
     for (k, part), _ in residual.items():
-        members = set(next(s for s in data["splits"] if s["split"] == k)[part])
+        members = set(getattr(source.get(k), part))
         suspects = members if suspects is None else suspects & members
     if suspects:
         deltas = set(residual.values())
@@ -114,59 +167,49 @@ def _explain_mismatch(data: dict, counts: dict, cam: int, cam_name: str) -> str:
     return "\n  ".join(lines)
 
 
-def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None) -> ReidDataset:
-    """Reads a two-camera benchmark under one split of its split file."""
-    path = split_file or layout.default_split_file
-    data = load_split_file(path)
-    chosen = _select(data, int(split), path)
-    base = common.resolve_root(root, layout.candidates, layout.cameras, layout.name,
-                               layout.expected)
-    cam_dirs = [os.path.join(base, c) for c in layout.cameras]
-    pattern = re.compile(layout.person_re)
-    for cam_dir in cam_dirs:
-        bad = [d for d in common.list_dirs(cam_dir) if not pattern.fullmatch(d)]
-        if bad:
-            raise DatasetError(f"{cam_dir}: person folders whose id does not parse "
-                               f"(expected {layout.person_re}): {common.name_list(bad)}")
-    persons = sorted({p for s in data["splits"] for part in PARTS for p in s[part]})
-    unparsable = [p for p in persons if not pattern.fullmatch(p)]
-    if unparsable:
-        raise DatasetError(f"split file {path}: person names that do not parse as "
-                           f"{layout.person_re}: {common.name_list(unparsable)}")
-    missing = [os.path.join(cam, p) for cam, d in zip(layout.cameras, cam_dirs) for p in persons
-               if not os.path.isdir(os.path.join(d, p))]
-    if missing:
-        own = [os.path.join(d, f"{layout.name}_splits.json") for d in (root, base)]
-        own = [p for p in own if os.path.isfile(p) and os.path.abspath(p) != os.path.abspath(path)]
-        hint = f" (this folder has its own split file: {own[0]})" if own else ""
-        raise DatasetError(f"{layout.name}: person folders listed in {path} are missing under "
-                           f"{base}: {common.name_list(missing)}; for a partial copy or another "
-                           f"set, give a split file listing its persons{hint}")
-    frames = {p: [_person_frames(layout, d, c, p) for c, d in zip(layout.cameras, cam_dirs)]
-              for p in persons}
-    empty = [os.path.join(c, p) for p in persons for c, f in zip(layout.cameras, frames[p])
-             if not f]
-    if empty:
-        raise DatasetError(f"{layout.name}: person folders without frames under {base}: "
-                           f"{common.name_list(empty)}")
-    counts = {p: [len(f) for f in frames[p]] for p in persons}
-    problems = [_explain_mismatch(data, counts, cam, layout.cameras[cam]) for cam in (0, 1)
-                if any(sum(counts[p][cam] for p in s[part]) != s[f"{part}_frames"][f"camera{cam + 1}"]
-                       for s in data["splits"] for part in PARTS)]
+def _check_frame_counts(layout, inventory, source):
+    counted = [s for s in source.splits if s.frames is not None]
+    if not counted:
+        return
+    persons = {p for s in counted for part in PARTS for p in getattr(s, part)}
+    counts = {p: [len(f[p]) for f in inventory.frames] for p in persons}
+    checked = dataclasses.replace(source, splits=tuple(counted))
+    problems = [_explain_mismatch(checked, counts, cam, layout.cameras[cam]) for cam in (0, 1)
+                if any(sum(counts[p][cam] for p in getattr(s, part)) != s.frames[part][f"camera{cam + 1}"]
+                       for s in counted for part in PARTS)]
     if problems:
-        raise DatasetError(f"{layout.name}: frame counts under {base} do not match the split file "
-                           f"{path} (a partial or modified copy? give your own split file):\n  "
-                           + "\n  ".join(problems))
+        raise DatasetError(f"{layout.name}: frame counts under {inventory.base} do not match "
+                           f"{source.protocol} (a partial or modified copy?); "
+                           + NO_PROTOCOL_HELP + ":\n  " + "\n  ".join(problems))
 
-    def pid(p):
-        return int(pattern.fullmatch(p).group(1))
+
+def build(layout: TwoCamLayout, inventory: Inventory, source: SplitSource,
+          number: int) -> ReidDataset:
+    """The train/test tables of split `number` of `source`."""
+    chosen = source.get(int(number))
+    pattern = re.compile(layout.person_re)
+    _check_frame_counts(layout, inventory, source)
+    empty = [os.path.join(c, p) for part in PARTS for p in getattr(chosen, part)
+             for c, f in zip(layout.cameras, inventory.frames) if not f[p]]
+    if empty:
+        raise DatasetError(f"{layout.name}: person folders without frames under "
+                           f"{inventory.base}: {common.name_list(empty)}")
 
     def table(part):
-        tracklets = [(cam, pid(p), frames[p][cam]) for cam in (0, 1) for p in chosen[part]]
+        tracklets = [(cam, int(pattern.fullmatch(p).group(1)), inventory.frames[cam][p])
+                     for cam in (0, 1) for p in getattr(chosen, part)]
         return build_table(tracklets, 2)
 
-    test = table("test")
-    n_test = len(chosen["test"])
-    return ReidDataset(layout=layout.name, root=base, train=table("train"), test=test,
-                       query=np.arange(n_test), gallery=np.arange(n_test, 2 * n_test),
-                       num_cameras=2, split=int(split))
+    n_test = len(chosen.test)
+    return ReidDataset(layout=layout.name, root=inventory.base, train=table("train"),
+                       test=table("test"), query=np.arange(n_test),
+                       gallery=np.arange(n_test, 2 * n_test), num_cameras=2, split=int(number),
+                       protocol=source.protocol, directions=layout.directions)
+
+
+def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None,
+         splits: str = "1") -> ReidDataset:
+    """Reads a two-camera benchmark under split `split` of the source `splits` resolves to."""
+    inventory = scan(layout, root)
+    source = choose_source(layout, inventory, root, person_splits.parse_spec(splits), split_file)
+    return build(layout, inventory, source, split)
