@@ -353,10 +353,33 @@ def test_bad_inputs_raise_clear_errors():
         associate(mem, jnp.zeros((3, 2, 4)), jnp.zeros(2, jnp.int32), jnp.zeros(3, jnp.int32),
                   margin=0.5, eta=0.5, cross_on=False)
     with pytest.raises(ValueError, match="tracklets_per_camera"):
-        AnchorMemory.zeros((2, 0), 1, 4)
+        AnchorMemory.zeros((0, 0), 1, 4)
+    with pytest.raises(ValueError, match="tracklets_per_camera"):
+        AnchorMemory.zeros((2, -1), 1, 4)
     with pytest.raises(ValueError, match="track value 2 of camera 1"):
         mem.from_features(np.zeros((2, 2, 4)), [0, 2], [0, 1])
     with pytest.raises(ValueError, match="camera value 2"):
         mem.from_features(np.zeros((2, 2, 4)), [0, 0], [0, 2])
     with pytest.raises(ValueError, match=r"features must be \[N, 2, 4\]"):
         mem.from_features(np.zeros((2, 1, 4)), [0, 0], [0, 1])
+
+
+def test_camera_without_training_tracklets_changes_nothing():
+    # cameras (2, 0, 1): camera 1 has no rows. One step must equal the step on cameras (2, 1)
+    # with camera 2 renumbered 1, loss, metrics and both tables, with cross association on.
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(4, 2, 3)).astype(np.float32)
+    track = np.array([0, 1, 0, 1])
+    camera = np.array([0, 0, 2, 0])
+    gap = AnchorMemory.zeros((2, 0, 1), 2, 3)
+    assert gap.offsets == (0, 2, 2) and gap.tracklets_per_camera == (2, 0, 1)
+    gap = gap.from_features(feats, track, camera)
+    dense = AnchorMemory.zeros((2, 1), 2, 3).from_features(feats, track, np.minimum(camera, 1))
+    for step in range(2):
+        f = feats + 0.1 * step
+        got = _run(gap, f, track, camera, True)
+        want = _run(dense, f, track, np.minimum(camera, 1), True)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        gap, dense = got[1], want[1]
+    assert float(got[2]["cross_consistent"]) > 0

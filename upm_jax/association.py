@@ -133,10 +133,13 @@ class AnchorMemory:
 
 
 def _check_sizes(tracklets_per_camera) -> tuple:
+    # a camera may have no training tracklets (it gets no rows); the memory as a whole needs one
     sizes = tuple(int(n) for n in tracklets_per_camera)
-    if not sizes or any(n < 1 for n in sizes) or any(int(n) != n for n in tracklets_per_camera):
+    if (not sizes or any(n < 0 for n in sizes) or sum(sizes) < 1
+            or any(int(n) != n for n in tracklets_per_camera)):
         raise ValueError("AnchorMemory: tracklets_per_camera must list at least one camera, each with "
-                         f"a positive integer number of tracklets, got {tuple(tracklets_per_camera)!r}")
+                         "a non-negative integer number of tracklets and at least one in total, got "
+                         f"{tuple(tracklets_per_camera)!r}")
     return sizes
 
 

@@ -85,7 +85,8 @@ def features_arrays(frame_feat, dataset, *, pooling, frame_level=True):
         cam=test.tracklet_camera.astype(np.int64) + 1,
         query=np.asarray(dataset.query, np.int64),
         gallery=np.asarray(dataset.gallery, np.int64),
-        pooling=np.asarray(pooling))
+        pooling=np.asarray(pooling),
+        directions=np.asarray(dataset.directions))  # iLIDS-VID: "both" (mean of cam1->2, 2->1)
     if frame_level:
         arrays.update(frame_feat=frame_feat, frame_track=test.tracklet.astype(np.int64))
     else:

@@ -43,8 +43,6 @@ METHODS = {
     "upm": (("lam", "local"), ("gam", "global")),
 }
 MODES = ("train", "extract", "evaluate", "all")
-SPLIT_LAYOUTS = ("prid2011", "ilidsvid")
-NUM_SPLITS = 10
 
 
 class ConfigError(ValueError):
@@ -81,7 +79,7 @@ def run(config, workdir, mode="all"):
     mesh = sharding.make_mesh()
     results = {}
     initial = {}
-    for split in _splits(config):
+    for split in _splits(config, workdir):
         dataset = _load_dataset(config, split, workdir)
         runs = [ModelRun(split, name, head, os.path.join(workdir, f"split_{split}", name))
                 for name, head in METHODS[config.method]]
@@ -151,23 +149,17 @@ def check_config(config):
         raise ConfigError("config.model.pretrained is empty: the papers start from ImageNet "
                           "weights; set it, or allow training from scratch with "
                           "--config.model.allow_scratch=True")
-    _splits(config)
+    data_lib.check_split_spec(config.data.splits, field="config.data.splits")
 
 
-def _splits(config):
-    text = str(config.data.splits).strip().lower()
-    if config.data.layout not in SPLIT_LAYOUTS:
-        return [1]
-    if text == "all":
-        return list(range(1, NUM_SPLITS + 1))
-    try:
-        splits = [int(s) for s in text.split(",")]
-    except ValueError:
-        splits = []
-    if not splits or any(not 1 <= s <= NUM_SPLITS for s in splits):
-        raise ConfigError(f"config.data.splits={config.data.splits!r}: expected 'all' or split "
-                          f"numbers 1..{NUM_SPLITS} separated by commas")
-    return splits
+def _splits(config, workdir):
+    """The split numbers to run, resolved against the dataset; says which protocol."""
+    _generate_synthetic(config, workdir)
+    plan = data_lib.resolve_splits(
+        config.data.layout, resolve_path(config.data.root, workdir), config.data.splits,
+        resolve_path(config.data.split_file, workdir) or None, field="config.data.splits")
+    say(f"splits {plan.numbers} of {plan.protocol}")
+    return plan.numbers
 
 
 def _prepare_workdir(workdir):
@@ -213,9 +205,8 @@ def resolve_path(path, workdir):
     return path.replace("{workdir}", os.path.abspath(workdir)) if path else path
 
 
-def _load_dataset(config, split, workdir):
+def _generate_synthetic(config, workdir):
     root = resolve_path(config.data.root, workdir)
-    split_file = resolve_path(config.data.split_file, workdir) or None
     if config.data.synthetic_ids and not os.path.isdir(root):
         if jax.process_index() == 0:
             say(f"generating a synthetic {config.data.layout} set ({config.data.synthetic_ids} "
@@ -223,14 +214,22 @@ def _load_dataset(config, split, workdir):
             synthetic.generate(config.data.layout, root, ids=config.data.synthetic_ids,
                                seed=config.seed)
         multihost_utils.sync_global_devices("synthetic dataset")
+
+
+def _load_dataset(config, split, workdir):
+    root = resolve_path(config.data.root, workdir)
+    split_file = resolve_path(config.data.split_file, workdir) or None
     dataset = data_lib.load_dataset(
         config.data.layout, root, split=split, split_file=split_file,
-        skip_corrupt=config.data.skip_corrupt)
+        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt)
     expected = config.data.num_cameras
     if expected and dataset.num_cameras != expected:
         raise ConfigError(
             f"config.data.num_cameras={expected} but {root!r} ({config.data.layout}) has "
-            f"{dataset.num_cameras} cameras with training tracklets")
+            f"{dataset.num_cameras} cameras (numbered as on disk; training tracklets per camera: "
+            f"{list(dataset.train.tracklets_per_camera)})")
+    for warning in dataset.warnings:
+        say(f"warning: {warning}")
     for path, reason in dataset.skipped:
         say(f"skipped {path}: {reason}")
     return dataset

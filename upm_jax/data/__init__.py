@@ -3,7 +3,8 @@
 Readers and tables need only NumPy/SciPy/Pillow; the pipeline functions import JAX on use.
 """
 from upm_jax.data.images import decode_resize, resize_bilinear_tf1
-from upm_jax.data.readers import LAYOUTS, SplitPlan, inspect_disk, load_dataset, resolve_splits
+from upm_jax.data.readers import (LAYOUTS, SplitPlan, check_split_spec, inspect_disk, load_dataset,
+                                  resolve_splits)
 from upm_jax.data.table import DatasetError, FrameTable, ReidDataset
 
 
@@ -19,5 +20,5 @@ def __getattr__(name):
 
 
 __all__ = ["DatasetError", "FrameTable", "LAYOUTS", "ReidDataset", "decode_resize",
-           "SplitPlan", "inspect_disk", "load_dataset", "resize_bilinear_tf1", "resolve_splits",
+           "SplitPlan", "check_split_spec", "inspect_disk", "load_dataset", "resize_bilinear_tf1", "resolve_splits",
            *_PIPELINE]

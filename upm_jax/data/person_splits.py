@@ -82,8 +82,8 @@ def _number_list(numbers) -> str:
     return ", ".join(str(n) for n in numbers)
 
 
-def parse_spec(spec) -> SplitSpec:
-    """Parses 'all', '3', '1,2,5', 'random:SEED' or 'random:SEED:COUNT'."""
+def parse_spec(spec, field: str = "splits") -> SplitSpec:
+    """Parses 'all', '3', '1,2,5', 'random:SEED' or 'random:SEED:COUNT'; errors name `field`."""
     text = str(spec).strip().lower().replace(" ", "")
     if text == "all":
         return SplitSpec()
@@ -91,25 +91,25 @@ def parse_spec(spec) -> SplitSpec:
     if m:
         count = int(m.group(2)) if m.group(2) else 1
         if count < 1:
-            raise DatasetError(f"splits={spec!r}: COUNT in random:SEED:COUNT must be >= 1")
+            raise DatasetError(f"{field}={spec!r}: COUNT in random:SEED:COUNT must be >= 1")
         return SplitSpec(random_seed=int(m.group(1)), random_count=count)
     try:
         numbers = tuple(int(s) for s in text.split(","))
     except ValueError:
         numbers = ()
     if not numbers or min(numbers) < 1 or len(set(numbers)) != len(numbers):
-        raise DatasetError(f"splits={spec!r}: expected {SPEC_HELP}")
+        raise DatasetError(f"{field}={spec!r}: expected {SPEC_HELP}")
     return SplitSpec(numbers=numbers)
 
 
-def select(source: SplitSource, spec: SplitSpec) -> list:
-    """The split numbers of `source` that `spec` chooses (each must exist)."""
+def select(source: SplitSource, spec: SplitSpec, text: str = "", field: str = "splits") -> list:
+    """The split numbers of `source` that `spec` (parsed from `text`) chooses; each must exist."""
     if spec.numbers is None:
         return source.numbers
     missing = [n for n in spec.numbers if n not in source.numbers]
     if missing:
-        raise DatasetError(f"splits {_number_list(missing)} requested, but {source.protocol} has "
-                           f"splits {_number_list(source.numbers)}")
+        raise DatasetError(f"{field}={text!r}: split(s) {_number_list(missing)} requested, but "
+                           f"{source.protocol} has splits {_number_list(source.numbers)}")
     return list(spec.numbers)
 
 

@@ -25,17 +25,18 @@ def _check_layout(layout: str) -> None:
         raise DatasetError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
 
 
-def _single_protocol(layout: str, spec: str, split_file: str | None) -> None:
+def _single_protocol(layout: str, spec: str, split_file: str | None, field="splits") -> None:
     if split_file:
         raise DatasetError(f"{layout}: has a single protocol; split_file={split_file!r} "
                            "applies to prid2011/ilidsvid only")
-    parsed = person_splits.parse_spec(spec)
+    parsed = person_splits.parse_spec(spec, field)
     if parsed.is_random or parsed.numbers not in (None, (1,)):
-        raise DatasetError(f"{layout}: has a single protocol (split 1); splits={spec!r} "
-                           "applies to prid2011/ilidsvid only")
+        raise DatasetError(f"{field}={spec!r}: {layout} has a single protocol (split 1); other "
+                           "splits apply to prid2011/ilidsvid only")
 
 
-def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = None) -> SplitPlan:
+def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = None, *,
+                   field: str = "splits") -> SplitPlan:
     """Resolves a split spec (`config.data.splits`: 'all', '3', '1,2,5', 'random:SEED[:COUNT]')
     against the dataset folder: the split numbers to run and the protocol used.
 
@@ -43,15 +44,22 @@ def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = 
     folder holds their persons, else the folder's own split file (the iLIDS-VID release's
     .mat, torchreid's JSON, ours), else an error that names the missing persons and offers
     `split_file` or `random:SEED`. MARS and DukeMTMC-VideoReID have one protocol, split 1.
+    Errors about the spec name `field` (e.g. 'config.data.splits').
     """
     _check_layout(layout)
     if layout not in SPLIT_LAYOUTS:
-        _single_protocol(layout, splits, split_file)
+        _single_protocol(layout, splits, split_file, field)
         return SplitPlan([1], f"the single {layout} protocol", [1])
-    spec = person_splits.parse_spec(splits)
+    spec = person_splits.parse_spec(splits, field)
     inventory = twocam.scan(_TWOCAM[layout], root)
-    source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file)
-    return SplitPlan(person_splits.select(source, spec), source.protocol, source.numbers)
+    source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file or None)
+    return SplitPlan(person_splits.select(source, spec, str(splits), field), source.protocol,
+                     source.numbers)
+
+
+def check_split_spec(splits, field: str = "splits") -> None:
+    """Fails on a split spec no dataset can satisfy (syntax only; no folder is read)."""
+    person_splits.parse_spec(splits, field)
 
 
 def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | None = None,

@@ -46,8 +46,11 @@ def format_table(result):
         rows.append((f"mean of {len(rows)}", result["mean"]))
     for name, res in rows:
         for mode, m in res.items():
-            cells = "".join(f"{m[c]:8.2f}" if c in m else f"{'-':>8}" for c in _COLUMNS)
-            lines.append(f"{name[:28]:<28} {mode:<9}{cells}{m['num_queries']:9.0f}{m['gallery_size']:9.0f}")
+            # a two-direction split (iLIDS-VID): the mean row, then each direction
+            for label, row in [(name, m)] + [(f"  {d}", v) for d, v in m.get("directions", {}).items()]:
+                cells = "".join(f"{row[c]:8.2f}" if c in row else f"{'-':>8}" for c in _COLUMNS)
+                lines.append(f"{label[:28]:<28} {mode:<9}{cells}{row['num_queries']:9.0f}"
+                             f"{row['gallery_size']:9.0f}")
     return "\n".join(lines)
 
 

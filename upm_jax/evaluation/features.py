@@ -3,7 +3,8 @@
 A features file is an uncompressed ``.npz`` holding either per-frame features
 (``frame_feat`` [N, P, D] with ``frame_track`` [N]) or per-tracklet features
 (``track_feat`` [T, P, D]), plus ``pid`` [T], ``cam`` [T] (1-based), ``query`` [Q]
-and ``gallery`` [G] (tracklet indices) and optionally ``pooling`` ("max"/"mean").
+and ``gallery`` [G] (tracklet indices) and optionally ``pooling`` ("max"/"mean") and
+``directions`` ("one"/"both": see `protocols`).
 Large feature members are memory-mapped straight out of the zip archive, so
 pooling 681,089 frames never holds them all in memory.
 """
@@ -16,9 +17,10 @@ import numpy as np
 
 FEATURE_KEYS = ("frame_feat", "track_feat")
 REQUIRED_KEYS = ("pid", "cam", "query", "gallery")
-OPTIONAL_KEYS = ("frame_feat", "frame_track", "track_feat", "pooling")
+OPTIONAL_KEYS = ("frame_feat", "frame_track", "track_feat", "pooling", "directions")
 ALLOWED_KEYS = frozenset(REQUIRED_KEYS + OPTIONAL_KEYS)
 POOLINGS = ("max", "mean")
+DIRECTIONS = ("one", "both")
 _FINITE_CHUNK_BYTES = 64 << 20
 
 
@@ -138,6 +140,15 @@ def validate_features(arrays, source="", check_values=True):
         if not (isinstance(pooling, (str, np.ndarray)) and np.ndim(pooling) == 0
                 and str(pooling) in POOLINGS):
             _fail(source, "pooling", f"expected a scalar string in {POOLINGS}, got {pooling!r}")
+    if "directions" in arrays:
+        directions = arrays["directions"]
+        if not (isinstance(directions, (str, np.ndarray)) and np.ndim(directions) == 0
+                and str(directions) in DIRECTIONS):
+            _fail(source, "directions", f"expected a scalar string in {DIRECTIONS}, got "
+                                        f"{directions!r}")
+        if str(directions) == "both" and np.intersect1d(arrays["query"], arrays["gallery"]).size:
+            _fail(source, "directions", "'both' ranks each side with the other, so 'query' and "
+                                        "'gallery' must not share tracklets")
     return t
 
 
@@ -166,7 +177,7 @@ def atomic_write(path, write, *, mode="wb"):
 
 def save_features(path, **arrays):
     """Validate `arrays` and write them as an uncompressed .npz, atomically (temp file + rename)."""
-    arrays = {k: (np.asarray(v) if k == "pooling" else v) for k, v in arrays.items()}
+    arrays = {k: (np.asarray(v) if k in ("pooling", "directions") else v) for k, v in arrays.items()}
     validate_features(arrays, source=os.fspath(path))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -229,9 +240,10 @@ def load_features(path, *, mmap=True):
                     raise FeaturesError(f"{source}: array '{name}': cannot be read without pickle "
                                         f"({e})") from None
             arrays[name] = value
-    if "pooling" in arrays:
-        pooling = arrays["pooling"]
-        arrays["pooling"] = str(pooling) if pooling.ndim == 0 and pooling.dtype.kind == "U" else pooling
+    for key in ("pooling", "directions"):
+        if key in arrays:
+            value = arrays[key]
+            arrays[key] = str(value) if value.ndim == 0 and value.dtype.kind == "U" else value
     validate_features(arrays, source=source, check_values=False)
     if "track_feat" in arrays:
         check_finite("track_feat", arrays["track_feat"], source)

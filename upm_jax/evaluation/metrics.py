@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from upm_jax.evaluation import protocols
 from upm_jax.evaluation.distances import DISTANCES, pairwise_distances
 from upm_jax.evaluation.features import load_features, validate_features
 from upm_jax.evaluation.pooling import tracklet_features_and_sqnorms
@@ -148,8 +149,12 @@ def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling
     feat, sq = tracklet_features_and_sqnorms(features, pooling=pooling)  # [T, F], [T]
     pid = np.asarray(features["pid"]).astype(np.int64)
     cam = np.asarray(features["cam"]).astype(np.int64)
-    query = np.asarray(features["query"]).astype(np.int64)
-    gallery = np.asarray(features["gallery"]).astype(np.int64)
+    return protocols.combine([(name, _rank(feat, sq, pid, cam, query, gallery, modes, distance, rerank))
+                              for name, query, gallery in protocols.rankings(features)])
+
+
+def _rank(feat, sq, pid, cam, query, gallery, modes, distance, rerank):
+    """{mode: metrics} of `query` tracklets ranking the `gallery` tracklets."""
     g_is_query = np.isin(gallery, query)
     ranker = _Ranker(pid[query], cam[query], pid[gallery], cam[gallery], g_is_query)
     n_q, n_g = query.shape[0], gallery.shape[0]
@@ -180,13 +185,18 @@ def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling
 
 
 def mean_results(results):
-    """Mean over splits of every number; CMC curves averaged over their common length."""
+    """Mean over splits of every number; CMC curves averaged over their common length
+    (two-direction results: each direction's numbers are averaged too)."""
     mean = {}
     for mode in results[0]:
         per = [r[mode] for r in results]
-        m = {k: float(np.mean([p[k] for p in per])) for k in per[0] if k != "cmc"}
+        m = {k: float(np.mean([p[k] for p in per])) for k in per[0]
+             if k not in ("cmc", "directions")}
         length = min(len(p["cmc"]) for p in per)
         m["cmc"] = [float(v) for v in np.mean([p["cmc"][:length] for p in per], axis=0)]
+        if all("directions" in p for p in per):
+            m["directions"] = {name: mean_results([{mode: p["directions"][name]} for p in per])[mode]
+                               for name in per[0]["directions"]}
         mean[mode] = m
     return mean
 
