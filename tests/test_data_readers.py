@@ -288,7 +288,7 @@ def test_corrupt_image_skip_and_report(prid, tmp_path):
 def test_inspection_cli(prid, mars, capsys):
     assert inspect_main([prid["root"], "--layout", "prid2011", "--split-file", prid["split_file"],
                          "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out)["splits"][0]
     assert summary["train"]["cameras"][0]["tracklets"] == 4
     assert summary["query"] == summary["gallery"] == 4
     assert inspect_main([mars["root"], "--layout", "mars"]) == 0

@@ -189,7 +189,8 @@ def _from_json(path: str, data) -> tuple:
 def _from_mat(path: str, folders) -> tuple:
     try:
         contents = scipy.io.loadmat(path)
-    except (OSError, ValueError, NotImplementedError, TypeError) as e:
+    except (OSError, ValueError, NotImplementedError, TypeError,
+            scipy.io.matlab.MatReadError) as e:
         raise DatasetError(f"cannot read split file {path} as a MATLAB v5 .mat file: {e}") from e
     if "ls_set" not in contents:
         names = sorted(k for k in contents if not k.startswith("__"))

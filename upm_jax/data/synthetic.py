@@ -280,7 +280,8 @@ def _plan_twocam(layout, root, ids, seed, frames, num_splits):
         lengths = _lengths(rng, frames, ids + extra[c])
         starts = rng.integers(1, 500, size=ids + extra[c])
         for i in range(ids + extra[c]):
-            person = fmt.format(i + 1)
+            # as in the PRID2011 release, single-camera persons are numbered from 201
+            person = fmt.format(i + 1 if i < ids else max(ids, 200) + i - ids + 1)
             id_key = i + 1 if i < ids else 100000 * (c + 1) + i + 1  # extras: other people
             if layout == "prid2011":
                 names = [f"{f + 1:04d}.png" for f in range(lengths[i])]

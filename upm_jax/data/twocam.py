@@ -41,23 +41,29 @@ class TwoCamLayout:
     frame_re: Callable | None = None   # (camera folder, person folder) -> regex for frame names
     own_split_files: tuple = ()        # split files a copy may carry, relative to its folders
     directions: str = "one"            # evaluation: "one" (camera 1 -> 2) or "both" (mean)
+    paired_ids: int | None = None      # person ids above this name different people per camera
 
 
 @dataclasses.dataclass(frozen=True)
 class Inventory:
     """What one two-camera folder holds: per camera, person folder -> frame paths."""
 
-    layout: str
+    layout: TwoCamLayout
     base: str
-    cameras: tuple         # folder names
     frames: tuple          # per camera: {person folder: [paths in frame order]}
+
+    @property
+    def cameras(self) -> tuple:
+        return self.layout.cameras
 
     def persons(self, cam: int) -> list:
         return sorted(self.frames[cam])
 
     def in_both(self) -> list:
-        """Persons with frames in both cameras."""
-        return sorted(p for p, f in self.frames[0].items() if f and self.frames[1].get(p))
+        """Persons with frames in both cameras (the same person: within `paired_ids`)."""
+        pattern, limit = re.compile(self.layout.person_re), self.layout.paired_ids
+        return sorted(p for p, f in self.frames[0].items() if f and self.frames[1].get(p)
+                      and (limit is None or int(pattern.fullmatch(p).group(1)) <= limit))
 
     def missing(self, source: SplitSource) -> list:
         """camera/person of every person of `source` without a folder on disk."""
@@ -69,7 +75,7 @@ class Inventory:
         cams = [{"camera": c + 1, "folder": name, "persons": len(f), "tracklets": len(f),
                  "frames": sum(len(v) for v in f.values())}
                 for c, (name, f) in enumerate(zip(self.cameras, self.frames))]
-        return {"layout": self.layout, "root": self.base, "parts": {"all": cams},
+        return {"layout": self.layout.name, "root": self.base, "parts": {"all": cams},
                 "persons_in_both_cameras": len(self.in_both())}
 
 
@@ -87,7 +93,7 @@ def scan(layout: TwoCamLayout, root: str) -> Inventory:
             raise DatasetError(f"{cam_dir}: person folders whose id does not parse "
                                f"(expected {layout.person_re}): {common.name_list(bad)}")
         frames.append({p: _person_frames(layout, cam_dir, cam, p) for p in persons})
-    return Inventory(layout.name, base, layout.cameras, tuple(frames))
+    return Inventory(layout, base, tuple(frames))
 
 
 def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: str) -> list:
