@@ -31,8 +31,8 @@ def get_base_config():
     config.data = ml_collections.ConfigDict()
     config.data.layout = ""            # prid2011 | ilidsvid | mars | dukev
     config.data.root = ""              # the raw dataset folder, exactly as distributed
-    config.data.splits = "1"           # '3', '1,2,5' or 'all' (PRID2011 / iLIDS-VID only)
-    config.data.split_file = ""        # another split JSON in the official schema; '' = official
+    config.data.splits = "1"           # '3', '1,2,5', 'all' or 'random:SEED[:COUNT]' (PRID2011 / iLIDS-VID)
+    config.data.split_file = ""        # our JSON, torchreid's list JSON or the iLIDS-VID .mat; '' = README order
     config.data.num_cameras = 0        # expected camera count, checked against the data (0 = any)
     config.data.image_size = 256       # frames are resized to (image_size, image_size // 2)
     config.data.resident = False       # keep the uint8 training frames on the accelerator
