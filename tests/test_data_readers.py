@@ -246,7 +246,7 @@ def test_dukev_old_naming_reads_the_same(tmp_path_factory, duke):
         assert np.array_equal(x.tracklet_pid, y.tracklet_pid)
 
 
-def test_dukev_errors(duke, tmp_path):
+def test_dukev_errors(duke, tmp_path, capsys):
     root = _copy(duke, tmp_path)
     ds = load_dataset("dukev", root)
     # remove every training tracklet of one camera that also appears in the test set
@@ -260,6 +260,8 @@ def test_dukev_errors(duke, tmp_path):
                                 f"tracklets; they get no anchors and take part in evaluation only "
                                 f"(cameras are numbered 1..{ds.num_cameras} as on disk)",)
     assert np.array_equal(partial.test.tracklet_camera, ds.test.tracklet_camera)
+    assert inspect_main([root, "--layout", "dukev"]) == 0
+    assert f"warning: DukeMTMC-VideoReID: camera(s) [{cam + 1}]" in capsys.readouterr().out
     root2 = _copy(duke, tmp_path / "b")
     tdir = os.path.dirname(ds.train.path[0]).replace(root, root2)
     open(os.path.join(tdir, "0001_CX_F1_X1.jpg"), "wb").close()

@@ -163,3 +163,14 @@ def test_inspection_json_into_head_has_no_traceback(prid):
     closed = subprocess.run(["bash", "-o", "pipefail", "-c", base + " | true"],
                             capture_output=True, text=True, cwd=ROOT, env=env)
     assert closed.returncode == 0 and closed.stderr == "", closed.stderr
+
+
+def test_features_file_says_how_the_split_is_scored(prid, ilids_release):
+    from upm_jax import extract
+    for layout, root, want in (("prid2011", prid["root"], "one"),
+                               ("ilidsvid", ilids_release[0], "both")):
+        ds = load_dataset(layout, root)
+        feats = np.ones((ds.test.num_frames, 1, 2), np.float32)
+        arrays = extract.features_arrays(feats, ds, pooling="max")
+        assert str(arrays["directions"]) == want
+        assert arrays["cam"].tolist() == [1] * (ds.test.num_tracklets // 2) + [2] * (ds.test.num_tracklets // 2)

@@ -28,7 +28,8 @@ def _format_disk(disk: dict) -> list:
 
 
 def _format_split(summary: dict) -> list:
-    lines = [f"split {summary['split']}:" if summary["split"] is not None else "protocol:"]
+    lines = [f"split {summary['split']}:" if summary["split"] is not None
+             else "the protocol selects:"]
     for part in ("train", "test"):
         s = summary[part]
         lines.append(f"  {part}: {s['frames']} frames, {s['tracklets']} tracklets, "
