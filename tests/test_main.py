@@ -11,7 +11,6 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 
 from upm_jax import main as main_lib
 
@@ -30,7 +29,6 @@ TINY = [
 
 def cli(*args):
     """`python -m upm_jax.main ARGS` in this process: the exit status."""
-    flags.FLAGS.unparse_flags()
     return main_lib.cli(["upm_jax.main", *args])
 
 

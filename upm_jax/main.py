@@ -144,12 +144,20 @@ def _guarded_main(argv):
 
 
 def cli(argv):
-    """Parses `argv` (argv[0] is the program) and runs it: the exit status, in-process."""
+    """Parses `argv` (argv[0] is the program) and runs it: the exit status, in-process.
+    (ml_collections reads --config.FIELD overrides from sys.argv, so it is `argv` meanwhile,
+    and defines one flag per override, so an earlier parse's are removed first.)"""
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)   # overrides an earlier in-process parse defined
+    flags.FLAGS.unparse_flags()
+    saved, sys.argv = sys.argv, list(argv)
     try:
         rest = parse_flags(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved
     return _guarded_main(rest)
 
 

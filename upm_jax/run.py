@@ -52,6 +52,8 @@ def run(config, workdir, mode="all", *, overwrite=False):
         raise ConfigError(f"--mode {mode!r}: expected one of {MODES}")
     if config is not None:
         experiment.check_config(config, num_devices=jax.device_count())
+        if mode in ("train", "all") and not workdir_lib.has_trained(workdir):
+            experiment.check_weights(config)   # a new run starts from them
     _prepare_workdir(workdir)
     lock = workdir_lib.WorkdirLock(workdir)
     if jax.process_index() == 0:
