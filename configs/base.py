@@ -65,6 +65,8 @@ def get_base_config():
     config.train.clip = 2.0
     config.train.ema_decay = 0.9999
     config.train.anchor_init = "zeros"       # zeros | features (a first pass over the train frames)
+    # Stop when a step's loss exceeds this multiple of the running median loss (0 = off).
+    config.train.divergence_factor = 100.0
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3
     config.train.log_every = 100

@@ -1,5 +1,6 @@
-"""End to end through `python -m upm_jax.main`: every mode, exact resume after SIGKILL, and
-the error paths a user meets first. A tiny model on a tiny synthetic PRID2011-layout set."""
+"""The command line: every mode in-process through `upm_jax.main.cli`, the error paths a
+user meets first, exact resume after SIGKILL, and one subprocess test of the exit-code
+contract. A tiny model on a tiny synthetic PRID2011-layout set."""
 import json
 import os
 import signal
@@ -11,7 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from upm_jax import main as main_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
 
 # A tiny but complete run: 8 synthetic ids (4 train / 4 test), MobileNet v1 x0.25 at 64x32.
 TINY = [
@@ -23,15 +27,15 @@ TINY = [
 ]
 
 
-def run_main(workdir, *flags, config="configs/demo.py", check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "upm_jax.main", f"--config={config}", f"--workdir={workdir}",
-           *flags]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+def cli(*args):
+    """`python -m upm_jax.main ARGS` in this process: the exit status."""
+    return main_lib.cli(["upm_jax.main", *args])
+
+
+def cli_run(workdir, *args, config=DEMO):
+    rc = cli(f"--config={config}", f"--workdir={workdir}", *args)
+    assert rc == 0
+    return rc
 
 
 def restore_raw(directory, step):
@@ -56,12 +60,14 @@ def restore_raw(directory, step):
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
-    """train, then extract, then evaluate, as three invocations in one workdir."""
+    """train with a config, then extract and evaluate from the workdir alone."""
     workdir = str(tmp_path_factory.mktemp("staged"))
-    flags = [*TINY, "--config.train.steps=6", "--config.train.checkpoint_every=3"]
-    for mode in ("train", "extract", "evaluate"):
-        run_main(workdir, f"--mode={mode}", *flags)
-    return workdir, flags
+    flags_ = [*TINY, "--config.train.steps=6", "--config.train.checkpoint_every=3",
+              "--config.eval.initial=false"]
+    cli_run(workdir, "--mode=train", *flags_)
+    for mode in ("extract", "evaluate"):
+        assert cli(f"--workdir={workdir}", f"--mode={mode}") == 0
+    return workdir, flags_
 
 
 def test_staged_modes_write_every_artifact(staged):
@@ -84,35 +90,43 @@ def test_staged_modes_write_every_artifact(staged):
     assert results["mean"]["paper"]["rank1"] == results["split_1"]["paper"]["rank1"]
 
 
-def test_mode_all_equals_staged_modes(staged, tmp_path):
-    workdir, flags = staged
-    proc = run_main(str(tmp_path), *flags, "--config.eval.initial=false")
-    assert "rank1" in proc.stdout
+def test_mode_all_equals_staged_modes(staged, tmp_path, capsys):
+    workdir, flags_ = staged
+    cli_run(str(tmp_path), *flags_)
+    assert "rank1" in capsys.readouterr().out
     ours = json.load(open(tmp_path / "results.json"))
     theirs = json.load(open(os.path.join(workdir, "results.json")))
     assert ours == theirs
     assert os.path.isfile(tmp_path / "cmc.png")
 
 
-def test_demo_reports_initial_network(tmp_path):
-    run_main(str(tmp_path), *TINY, "--config.train.steps=2", "--config.train.checkpoint_every=2")
+def test_demo_reports_initial_network_once(tmp_path, capsys):
+    args = [*TINY, "--config.train.steps=2", "--config.train.checkpoint_every=2"]
+    cli_run(str(tmp_path), *args)
     results = json.load(open(tmp_path / "results.json"))
     assert set(results["initial"]) == {"split_1", "mean"}
-    assert "initial" in open(tmp_path / "results.json").read()
+    initial = tmp_path / "split_1" / "lam" / "initial_features.npz"
+    written = initial.stat().st_mtime_ns
+    capsys.readouterr()
+    cli_run(str(tmp_path), *args)   # everything done: nothing is trained or re-extracted
+    err = capsys.readouterr().err
+    assert "already trained" in err and "features already in" in err
+    assert initial.stat().st_mtime_ns == written
+    assert json.load(open(tmp_path / "results.json")) == results
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    flags = [*TINY, "--mode=train", "--config.train.steps=40",
-             "--config.train.checkpoint_every=10"]
+    args = [*TINY, "--mode=train", "--config.train.steps=40",
+            "--config.train.checkpoint_every=10"]
     straight = tmp_path / "straight"
-    run_main(str(straight), *flags)
+    cli_run(str(straight), *args)
 
     killed = tmp_path / "killed"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "upm_jax.main", "--config=configs/demo.py",
-         f"--workdir={killed}", *flags], cwd=REPO, env=env,
+         f"--workdir={killed}", *args], cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "split_1" / "lam" / "checkpoints" / "10"
     deadline = time.time() + 300
@@ -124,7 +138,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "split_1" / "lam" / "checkpoints" / "40").exists()
 
-    run_main(str(killed), *flags)
+    cli_run(str(killed), *args)   # also takes over the killed run's lock
     a = restore_raw(str(straight / "split_1" / "lam"), 40)
     b = restore_raw(str(killed / "split_1" / "lam"), 40)
     assert a.keys() == b.keys()
@@ -133,7 +147,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize("args, message", [
     (["--config.data.root=/nonexistent/prid_2011", "--config.data.synthetic_ids=0",
       "--config.data.split_file="],
      "/nonexistent/prid_2011"),
@@ -142,24 +156,63 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     (["--config.data.num_cameras=6"], "config.data.num_cameras=6 but"),
     (["--config.data.splits=11"], "config.data.splits='11'"),
     (["--config.method=dall"], "config.method='dall'"),
+    (["--config.train.checkpoint_every=0"], "config.train.checkpoint_every=0"),
+    (["--config.train.lerning_rate=0.1"],
+     "config.train.lerning_rate (did you mean config.train.learning_rate?)"),
 ])
-def test_bad_input_is_one_clear_error(tmp_path, flags, message):
-    proc = run_main(str(tmp_path / "w"), *TINY, "--config.train.steps=1", *flags, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
+    rc = cli(f"--config={DEMO}", f"--workdir={tmp_path / 'w'}", *TINY,
+             "--config.train.steps=1", *args)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert message in err
+    assert err.count("error: ") == 1
 
 
-def test_unwritable_workdir(tmp_path):
+def test_workdir_alone_without_a_record_asks_for_a_config(tmp_path, capsys):
+    assert cli(f"--workdir={tmp_path}", "--mode=extract") == 2
+    assert "has no config.json: give --config" in capsys.readouterr().err
+    assert cli("--mode=extract") == 2
+    assert "give --config (what to run) or --workdir" in capsys.readouterr().err
+
+
+def test_no_workdir_picks_and_says_the_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(f"--config={DEMO}:steps=0", "--config.train.log_every=5") == 2
+    err = capsys.readouterr().err
+    assert f"writing to {os.path.join('runs', 'demo_steps=0_train.log_every=5')}" in err
+    assert "config.train.steps=0: expected a number above 0" in err
+
+
+def test_missing_config_file_and_bad_shortcut(tmp_path, capsys):
+    assert cli("--config=configs/nope.py", f"--workdir={tmp_path}") == 2
+    assert "--config configs/nope.py: no such file" in capsys.readouterr().err
+    assert cli(f"--config={DEMO}:stpes=3", f"--workdir={tmp_path}") == 2
+    assert "config argument 'stpes=3'" in capsys.readouterr().err
+
+
+def test_unwritable_workdir(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = run_main(str(blocker / "run"), *TINY, check=False)
-    assert proc.returncode == 2
-    assert "is not writable" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli(f"--config={DEMO}", f"--workdir={blocker / 'run'}", *TINY) == 2
+    assert "is not writable" in capsys.readouterr().err
 
 
-def test_paper_config_without_weights_explains_conversion(tmp_path):
-    proc = run_main(str(tmp_path), "--config.data.root=" + str(tmp_path), config="configs/prid.py",
-                    check=False)
-    assert proc.returncode == 2
-    assert "tools/port_weights.py" in proc.stderr and "Traceback" not in proc.stderr
+def test_paper_config_without_weights_explains_conversion(tmp_path, capsys):
+    rc = cli(f"--config={os.path.join(REPO, 'configs', 'prid.py')}",
+             f"--workdir={tmp_path / 'w'}", "--config.data.root=" + str(tmp_path))
+    assert rc == 2
+    assert "tools/port_weights.py" in capsys.readouterr().err
+
+
+def test_exit_status_contract_of_the_real_command(tmp_path):
+    """The one subprocess test: a user's mistake exits 2 with one error line, no traceback."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "upm_jax.main", "--config=configs/demo.py",
+         f"--workdir={tmp_path}", "--config.train.batch_size=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: config.train.batch_size=0: expected a number above 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,21 +1,36 @@
 """The run library in-process on 8 fake devices: uPMnet's two models and their fused
-features, several splits with their mean, MATLAB exports, pooled feature files."""
+features, several splits with their mean, MATLAB exports, pooled feature files, and the
+workdir as the record (refusals, lock, stages from the workdir alone, faults)."""
+import errno
 import json
 import os
 import re
+import shutil
+import socket
+import types
 
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import scipy.io
 
 from configs import demo
+from upm_jax import checkpoint as checkpoint_lib
 from upm_jax import evaluation
+from upm_jax import experiment
+from upm_jax import inference
 from upm_jax import run
+from upm_jax import sharding
+from upm_jax import test_set as test_set_lib
+from upm_jax import train_loop
+from upm_jax import workdir as workdir_lib
 
 
 def tiny_config(**overrides):
     config = demo.get_config()
     config.data.synthetic_ids = 8
+    config.data.image_size = 64
     config.train.batch_size = 16
     config.train.steps = 2
     config.train.checkpoint_every = 2
@@ -34,6 +49,26 @@ def upm_two_splits(tmp_path_factory):
     config = tiny_config(data__splits="1,2", eval__save_mat=True)
     config.method = "upm"
     return workdir, run.run(config, workdir)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step LAM run (train, extract, evaluate); tests copy it before changing."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    return workdir, run.run(tiny_config(), workdir)
+
+
+@pytest.fixture
+def copy_of_trained(trained, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained[0], workdir)
+    # the recorded paths point into the original: record the copy's own
+    record = json.load(open(os.path.join(workdir, "config.json")))
+    for section, field in (("data", "root"), ("data", "split_file")):
+        record[section][field] = record[section][field].replace(trained[0], workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(record, f)
+    return workdir
 
 
 def test_upm_trains_lam_and_gam_and_fuses_per_part(upm_two_splits):
@@ -72,26 +107,208 @@ def test_mat_export_matches_the_features_file(upm_two_splits):
     assert set(np.unique(cams)) == {1.0, 2.0}
 
 
-def test_pooled_feature_files_evaluate_like_frame_files(tmp_path):
-    config = tiny_config(eval__frame_features=False)
-    results = run.run(config, str(tmp_path))
-    pooled = evaluation.load_features(str(tmp_path / "split_1" / "features.npz"))
+def test_pooled_feature_files_evaluate_like_frame_files(copy_of_trained):
+    workdir = copy_of_trained
+    config = workdir_lib.read_record(workdir)
+    config.eval.frame_features = False   # an eval field: the record allows it
+    results = run.run(config, workdir, mode="evaluate")
+    pooled = evaluation.load_features(os.path.join(workdir, "split_1", "features.npz"))
     assert "track_feat" in pooled and "frame_feat" not in pooled
     frame_level = evaluation.evaluate(evaluation.load_features(
-        str(tmp_path / "split_1" / "lam" / "features.npz")))
+        os.path.join(workdir, "split_1", "lam", "features.npz")))
     for mode in ("paper", "standard"):
         assert results["mean"][mode]["rank1"] == pytest.approx(frame_level[mode]["rank1"])
         assert results["mean"][mode]["mAP"] == pytest.approx(frame_level[mode]["mAP"], abs=1e-4)
 
 
+def test_the_record_holds_resolved_paths(trained):
+    workdir, _ = trained
+    record = json.load(open(os.path.join(workdir, "config.json")))
+    assert record["data"]["root"] == os.path.join(os.path.abspath(workdir), "synthetic_prid2011")
+    assert "{workdir}" not in json.dumps(record)
+
+
+@pytest.mark.parametrize("field, value", [("train__batch_size", 8), ("data__image_size", 32),
+                                          ("seed", 3), ("model__n_part", 3)])
+def test_a_changed_model_field_is_refused_and_the_record_kept(copy_of_trained, field, value):
+    workdir = copy_of_trained
+    before = open(os.path.join(workdir, "config.json"), "rb").read()
+    config = tiny_config()
+    if field == "seed":
+        config.seed = value
+    else:
+        config = tiny_config(**{field: value})
+    name = field.replace("__", ".")
+    for mode in ("train", "extract"):
+        with pytest.raises(workdir_lib.WorkdirError, match=re.escape(name)):
+            run.run(config, workdir, mode=mode)
+    assert open(os.path.join(workdir, "config.json"), "rb").read() == before
+
+
+def test_overwritten_record_with_another_model_is_a_clear_checkpoint_error(copy_of_trained):
+    workdir = copy_of_trained
+    config = tiny_config(model__depth_multiplier=0.5, train__steps=4)
+    with pytest.raises(checkpoint_lib.CheckpointError,
+                       match=r"written by a different model(.|\n)*in the checkpoint"):
+        run.run(config, workdir, mode="train", overwrite=True)
+    with pytest.raises(checkpoint_lib.CheckpointError, match="different model"):
+        inference.restore_inference(config, os.path.join(workdir, "split_1", "lam"),
+                                    sharding.make_mesh())
+
+
+def test_resume_with_more_steps_continues_from_the_checkpoint(copy_of_trained, capsys):
+    workdir = copy_of_trained
+    run.run(tiny_config(train__steps=3), workdir, mode="train", overwrite=True)
+    steps = sorted(os.listdir(os.path.join(workdir, "split_1", "lam", "checkpoints")))
+    assert steps == ["2", "3"]
+    assert "resuming from the checkpoint of step 2" in capsys.readouterr().err
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 3
+
+
+def test_a_finished_model_is_skipped_before_anything_is_built(copy_of_trained, monkeypatch,
+                                                              capsys):
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a trainer was built for a finished model")
+
+    monkeypatch.setattr(train_loop.trainer_lib, "make_trainer", no_trainer)
+    run.run(None, copy_of_trained, mode="train")
+    assert "already trained (2 steps" in capsys.readouterr().err
+
+
+def test_extract_and_evaluate_need_only_the_workdir_and_test_frames(trained, copy_of_trained):
+    workdir = copy_of_trained
+    split_dir = os.path.join(workdir, "split_1")
+    recorded = test_set_lib.read(split_dir, os.path.join(workdir, "synthetic_prid2011"))
+    keep = {os.path.realpath(p) for p in recorded.test.path}
+    removed = 0
+    for folder, _, files in os.walk(os.path.join(workdir, "synthetic_prid2011")):
+        for name in files:
+            path = os.path.realpath(os.path.join(folder, name))
+            if path not in keep:
+                os.remove(path)
+                removed += 1
+    assert removed > 50   # the training frames and the split file are gone
+    os.remove(os.path.join(split_dir, "lam", "features.npz"))
+    run.run(None, workdir, mode="extract")
+    np.testing.assert_array_equal(
+        np.load(os.path.join(split_dir, "lam", "features.npz"))["frame_feat"],
+        np.load(os.path.join(trained[0], "split_1", "lam", "features.npz"))["frame_feat"])
+    shutil.rmtree(os.path.join(workdir, "synthetic_prid2011"))
+    results = run.run(None, workdir, mode="evaluate")
+    assert results == trained[1]
+
+
+def test_evaluate_refuses_a_features_file_of_another_part_count(copy_of_trained):
+    workdir = copy_of_trained
+    path = os.path.join(workdir, "split_1", "lam", "features.npz")
+    arrays = dict(np.load(path))
+    arrays["frame_feat"] = np.concatenate([arrays["frame_feat"]] * 3, axis=1)[:, :3]  # P=3
+    evaluation.save_features(path, **arrays)
+    before = open(os.path.join(workdir, "results.json"), "rb").read()
+    with pytest.raises(experiment.ConfigError, match=r"features\.npz holds features of 3 parts"
+                                                     r".*config\.model\.n_part=2"):
+        run.run(None, workdir, mode="evaluate")
+    assert open(os.path.join(workdir, "results.json"), "rb").read() == before
+
+
+def test_a_second_run_in_a_locked_workdir_is_refused(copy_of_trained):
+    workdir = copy_of_trained
+    with workdir_lib.WorkdirLock(workdir):
+        with pytest.raises(workdir_lib.WorkdirError,
+                           match=rf"in use by another run \(pid {os.getpid()} on host "
+                                 rf"{re.escape(socket.gethostname())}"):
+            run.run(None, workdir, mode="evaluate")
+
+
+def test_a_stale_lock_is_taken_over(copy_of_trained, capsys):
+    workdir = copy_of_trained
+    with open(os.path.join(workdir, workdir_lib.LOCK), "w") as f:
+        json.dump({"pid": 999999999, "host": "gone", "since": "yesterday"}, f)
+    run.run(None, workdir, mode="evaluate")
+    assert "taking over the lock" in capsys.readouterr().err
+    assert "pid 999999999 on host gone" not in open(os.path.join(workdir, workdir_lib.LOCK)).read()
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_error_keeping_the_old_one(copy_of_trained,
+                                                                      monkeypatch):
+    workdir = copy_of_trained
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(checkpoint_lib.CheckpointError,
+                       match=r"checkpoint of step 4 .*No space left on device; the checkpoint "
+                             r"of step 2 is intact"):
+        run.run(tiny_config(train__steps=4), workdir, mode="train", overwrite=True)
+    steps = sorted(os.listdir(os.path.join(workdir, "split_1", "lam", "checkpoints")))
+    assert steps == ["2"]
+
+
 def test_diverging_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     """A learning rate of 1e30 blows the weights up after the first update: the run must
-    stop naming the first non-finite step, having saved nothing at or after it."""
+    stop naming the first diverged step, having saved nothing at or after it."""
     config = tiny_config(train__steps=6, train__checkpoint_every=1, train__learning_rate=1e30)
-    with pytest.raises(run.TrainingDiverged, match=r"at step (\d+)") as info:
+    with pytest.raises(train_loop.TrainingDiverged, match=r"at step (\d+)") as info:
         run.run(config, str(tmp_path), mode="train")
     bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     assert bad_step >= 2
+    assert f"the last checkpoint (step {bad_step - 1}) is intact" in str(info.value)
     saved = sorted(int(s) for s in os.listdir(tmp_path / "split_1" / "lam" / "checkpoints")
                    if s.isdigit())
     assert saved == list(range(1, bad_step))
+
+
+def test_a_finite_explosion_of_the_loss_stops_the_run(tmp_path):
+    """lr 1e12 makes the loss huge but finite: the running-median guard stops it before
+    the first checkpoint, and says that no checkpoint exists."""
+    config = tiny_config(train__steps=6, train__checkpoint_every=6, train__learning_rate=1e12)
+    with pytest.raises(train_loop.TrainingDiverged,
+                       match=r"times its running median(.|\n)*no checkpoint was written"):
+        run.run(config, str(tmp_path), mode="train")
+    assert not os.listdir(tmp_path / "split_1" / "lam" / "checkpoints")
+
+
+def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
+    checkpoints = checkpoint_lib.Checkpoints(str(tmp_path))
+    guard = train_loop.DivergenceGuard(100.0, checkpoints)
+    guard.check_params(types.SimpleNamespace(params={"w": jnp.ones(3)}), 1)
+    bad = types.SimpleNamespace(params={"w": jnp.array([1.0, np.inf]), "b": jnp.zeros(2)})
+    with pytest.raises(train_loop.TrainingDiverged,
+                       match="weights are not finite after step 7; stopping, no checkpoint"):
+        guard.check_params(bad, 7)
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train__checkpoint_every", 0, "config.train.checkpoint_every=0: expected a number above 0"),
+    ("train__batch_size", 0, "config.train.batch_size=0: expected a number above 0"),
+    ("train__batch_size", -8, "config.train.batch_size=-8"),
+    ("train__steps", 0, "config.train.steps=0"),
+    ("train__divergence_factor", 0.5, "above 1"),
+])
+def test_impossible_values_fail_before_any_work(tmp_path, field, value, message):
+    with pytest.raises(experiment.ConfigError, match=re.escape(message)):
+        run.run(tiny_config(**{field: value}), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_an_unknown_config_field_is_named_with_a_suggestion(tmp_path):
+    config = tiny_config()
+    config.train.learning_rat = 0.1
+    with pytest.raises(experiment.ConfigError,
+                       match=r"config\.train\.learning_rat \(did you mean "
+                             r"config\.train\.learning_rate\?\)"):
+        run.run(config, str(tmp_path))
+
+
+def test_default_workdir_names_the_config_and_its_overrides():
+    assert workdir_lib.default_workdir("configs/prid.py") == os.path.join("runs", "prid")
+    assert workdir_lib.default_workdir("configs/prid.py:split=3,backbone=resnet_v1_50",
+                                       ["train.steps=100"]) == os.path.join(
+        "runs", "prid_split=3_backbone=resnet_v1_50_train.steps=100")
+    assert workdir_lib.default_workdir("configs/demo.py", ["data.root=/a b"]) == os.path.join(
+        "runs", "demo_data.root=-a-b")

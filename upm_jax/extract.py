@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.io
+import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -38,13 +39,14 @@ def make_feature_fn(model, mesh):
     return jax.jit(features, out_shardings=batch_sharding)
 
 
-def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size, out=None):
+def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size, out=None,
+                           desc=None):
     """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
 
     `out`: an array to fill (e.g. an `np.lib.format.open_memmap` for sets too large for
     memory); by default a new one. Each process decodes only its contiguous slice of each
     global batch; the device work of batch i overlaps the decoding of batch i + 1 (results
-    are fetched one batch late).
+    are fetched one batch late). `desc`: label of a progress bar over the batches (process 0).
     """
     if batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
@@ -66,7 +68,9 @@ def extract_frame_features(model, variables, table, *, mesh, batch_size, image_s
     batches = data_lib.test_batches(table, batch_size=batch_size, image_size=image_size,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    for start, batch in zip(range(0, num_frames, batch_size), batches):
+    starts = tqdm.tqdm(range(0, num_frames, batch_size), desc=desc, unit="batch",
+                       disable=desc is None or jax.process_index() != 0, dynamic_ncols=True)
+    for start, batch in zip(starts, batches):
         images = jax.make_array_from_process_local_data(sharding, batch["image"])
         feats = feature_fn(variables, images)
         if pending is not None:

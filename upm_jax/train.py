@@ -72,25 +72,51 @@ def _keep_frozen(new, old, frozen_scopes):
         {k: flat_old[k] if _under(k, frozen_scopes) else v for k, v in flat_new.items()})
 
 
+def init_variables(model, rng, *, image_shape, mesh, pretrained=None):
+    """The model's initial variables, replicated on ``mesh`` (the one place a model is
+    initialised: training states, the untrained network's features, shape queries).
+
+    ``pretrained``: a ported weights file merged strictly into the backbone
+    (``upm_jax.models.load_pretrained``); the merged tree is placed replicated again, so
+    later jits see one device set whatever the device count.
+    """
+    height, width = image_shape
+    replicated = sharding.replicated(mesh)
+
+    def init(key):
+        return model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+
+    variables = jax.jit(init, out_shardings=replicated)(rng)
+    if pretrained:
+        variables = jax.device_put(load_pretrained(variables, pretrained), replicated)
+    return variables
+
+
+def abstract_variables(model, *, image_shape, mesh):
+    """Shapes, dtypes and (replicated) shardings of ``init_variables``, computing nothing."""
+    height, width = image_shape
+    replicated = sharding.replicated(mesh)
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3), jnp.float32), train=False))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        shapes)
+
+
 def create_train_state(model, rng, *, image_shape, tx, memory: AnchorMemory, mesh,
                        pretrained=None, frozen_scopes=None) -> TrainState:
     """Initial TrainState, replicated on ``mesh``.
 
-    Shapes first (``jax.eval_shape`` of the whole state), then the state is built by one
-    jit with replicated out_shardings. ``pretrained``: a ported weights file merged
-    strictly into the backbone (``upm_jax.models.load_pretrained``). ``frozen_scopes``
-    defaults to ``model.frozen_scopes``. The EMA starts at the initial params.
+    The variables come from ``init_variables`` (with the ``pretrained`` backbone when
+    given); the state is built from them by one jit with replicated out_shardings.
+    ``frozen_scopes`` defaults to ``model.frozen_scopes``. The EMA starts at the initial
+    params.
     """
     frozen_scopes = tuple(model.frozen_scopes if frozen_scopes is None else frozen_scopes)
-    height, width = image_shape
     replicated = sharding.replicated(mesh)
     rng = jnp.asarray(rng)
     if rng.dtype != jnp.uint32 or rng.shape != (2,):
         raise ValueError(f"create_train_state: rng must be a raw key (jax.random.PRNGKey), uint32 [2]; "
                          f"got {rng.dtype} {rng.shape}")
-
-    def init_variables(key):
-        return model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
 
     def build(variables, memory, key):
         params, frozen = split_frozen(variables["params"], frozen_scopes)
@@ -101,12 +127,10 @@ def create_train_state(model, rng, *, image_shape, tx, memory: AnchorMemory, mes
             ema_params=jax.tree.map(lambda p: p + jnp.zeros_like(p), params),
             memory=memory, rng=key)
 
-    abstract_variables = jax.eval_shape(init_variables, rng)
-    abstract_state = jax.eval_shape(build, abstract_variables, memory, rng)
+    variables = init_variables(model, rng, image_shape=image_shape, mesh=mesh,
+                               pretrained=pretrained)
+    abstract_state = jax.eval_shape(build, variables, memory, rng)
     out_shardings = jax.tree.map(lambda _: replicated, abstract_state)
-    variables = jax.jit(init_variables, out_shardings=replicated)(rng)
-    if pretrained:
-        variables = load_pretrained(variables, pretrained)
     return jax.jit(build, out_shardings=out_shardings)(variables, memory, rng)
 
 
