@@ -122,8 +122,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     cli_run(str(straight), *args)
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
+    # the same 8 CPU devices as this process (conftest), so the two runs are bitwise alike
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.Popen(
         [sys.executable, "-m", "upm_jax.main", "--config=configs/demo.py",
          f"--workdir={killed}", *args], cwd=REPO, env=env,

@@ -103,14 +103,17 @@ def _assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 
 # The equality tests run on the stand-in and on the real MobileNet v1 GAM (frozen relation
 # layers under Logits) at a small size: (model factory, image shape, global batch, steps).
-# The real model runs 2 steps: with one frame per device its deepest BatchNorms see 16
-# values, the gradients (norm ~170 before clipping) amplify reduction-order rounding, and
-# from the third step a nearest-anchor decision can flip between 8 devices and 1.
+# Reduction order differs between 8 devices and 1, so two correct runs agree only to
+# rounding, which training amplifies (the real model's gradients have norm ~170 before
+# clipping; from its third step a nearest-anchor decision can flip). The yardstick is the
+# run's own rounding noise: the same run with each batch's samples reversed, which changes
+# nothing but the summation order. 8 devices vs 1 may differ by no more than twice that.
 MODELS = {
     "tiny": (TinyModel, IMAGE, BATCH, 4),
     "mobilenet_gam": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
                                           n_part=2), (64, 32), 8, 2),
 }
+GROUPS = ("params", "ema_params", "batch_stats", "memory", "opt_state")
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -119,16 +122,25 @@ def case(request):
     return dict(name=request.param, model=make(), image=image, batch=batch, steps=steps)
 
 
-def _known_drift(case, request):
-    """The real model's 8-device and 1-device params differ beyond 2e-4 after 2 steps
-    (measured, not yet explained): recorded as a strict expected failure."""
-    if case["name"] == "mobilenet_gam":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                              reason="real-model params drift beyond 2e-4"))
+def _case_batches(case, reverse=False):
+    batches = _batches(case["steps"], batch=case["batch"], image=case["image"])
+    if reverse:
+        batches = [{k: v[::-1].copy() for k, v in b.items()} for b in batches]
+    return batches
 
 
-def _case_batches(case):
-    return _batches(case["steps"], batch=case["batch"], image=case["image"])
+def _gap(a, b):
+    """Largest difference of two trees, each leaf scaled by the larger of its magnitudes."""
+    return max(float(np.max(np.abs(x - y)) / max(np.max(np.abs(x)), np.max(np.abs(y)), 1e-30))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _assert_within_noise(got, want, noise_run, *, floor=1e-6):
+    """Every group of `got` is as close to `want` as `noise_run` is (x2), or within `floor`."""
+    for group in GROUPS:
+        noise = _gap(getattr(noise_run, group), getattr(want, group))
+        gap = _gap(getattr(got, group), getattr(want, group))
+        assert gap <= max(2 * noise, floor), f"{group}: gap {gap:.3g}, own noise {noise:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -138,27 +150,32 @@ def eight_device_run(case):
     return _run_host(mesh, _case_batches(case), model=case["model"], image=case["image"])
 
 
-def test_eight_devices_equal_one_device(case, eight_device_run, request):
-    _known_drift(case, request)
+@pytest.fixture(scope="module")
+def reversed_run(case):
+    return _run_host(sharding.make_mesh(), _case_batches(case, reverse=True),
+                     model=case["model"], image=case["image"])
+
+
+def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
     state8, metrics8 = eight_device_run
     state1, metrics1 = _run_host(sharding.make_mesh(jax.devices()[:1]), _case_batches(case),
                                  model=case["model"], image=case["image"])
-    for m8, m1 in zip(metrics8, metrics1):
+    _assert_within_noise(state1, state8, reversed_run[0])
+    for m8, m1, mr in zip(metrics8, metrics1, reversed_run[1]):
         assert m8.keys() == m1.keys()
         for k in m8:
-            np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-6, err_msg=k)
-    _assert_trees_close(state8.params, state1.params)
-    _assert_trees_close(state8.ema_params, state1.ema_params)
-    _assert_trees_close(state8.batch_stats, state1.batch_stats)
-    _assert_trees_close(state8.memory, state1.memory)
-    _assert_trees_close(state8.opt_state, state1.opt_state)
+            assert abs(m1[k] - m8[k]) <= max(2 * abs(mr[k] - m8[k]), 1e-6 * abs(m8[k]), 1e-7), k
     assert int(state8.step) == int(state1.step) == case["steps"]
     assert metrics8[0]["cross_consistent"] == 0.0  # step 0 < cross_start_step
     assert any(m["cross_consistent"] > 0 for m in metrics8[1:])
+    if case["name"] == "tiny":   # small enough that rounding stays at float32 level
+        _assert_trees_close(state8.params, state1.params)
+        _assert_trees_close(state8.memory, state1.memory)
 
 
-def test_resident_form_equals_host_form(case, eight_device_run, request):
-    _known_drift(case, request)
+def test_resident_form_equals_host_form(case, reversed_run):
+    """Frames gathered on device by index (reversed within each batch) give the host run on
+    the reversed batches, to float32 rounding."""
     mesh = sharding.make_mesh()
     batches = _case_batches(case)
     batch = case["batch"]
@@ -168,13 +185,10 @@ def test_resident_form_equals_host_form(case, eight_device_run, request):
     state, step_fn = _setup(mesh, model=case["model"], image=case["image"])
     for i in range(case["steps"]):
         index = np.arange(batch * i, batch * (i + 1), dtype=np.int32)[::-1].copy()
-        # reversed order within the batch only permutes samples: same loss and updates
         state, _ = step_fn(state, sharding.global_batch({"index": index}, mesh), dataset)
-    host_state, _ = eight_device_run
     state = _host(state)
-    _assert_trees_close(state.params, host_state.params)
-    _assert_trees_close(state.memory, host_state.memory)
-    _assert_trees_close(state.batch_stats, host_state.batch_stats)
+    for group in GROUPS:
+        assert _gap(getattr(state, group), getattr(reversed_run[0], group)) <= 1e-6, group
 
 
 def _flat(tree):

@@ -134,25 +134,24 @@ def check_weights(config):
                           "--config.model.allow_scratch=True")
 
 
-def splits(config, workdir):
+def splits(config, workdir, *, recorded_first=False):
     """The 1-based splits to run and where they come from (a line to print).
 
-    Resolved against the raw folder (`data.resolve_splits`) when it is here; without it, the
-    split folders a run already left in `workdir`, so extraction from recorded test sets and
-    evaluation work on a machine that never had the dataset.
+    Resolved against the raw folder (`data.resolve_splits`). With `recorded_first`
+    (extraction, evaluation), the split folders a run already left in `workdir` come first,
+    so these stages work on a machine that holds only the test frames, or no dataset at all.
     """
     field = "config.data.splits"
-    if not os.path.isdir(config.data.root):
-        recorded = recorded_splits(workdir)
-        if recorded:
-            spec = person_splits.parse_spec(config.data.splits, field)
-            wanted = recorded if spec.numbers is None else list(spec.numbers)
-            missing = [n for n in wanted if n not in recorded]
-            if missing:
-                raise ConfigError(f"{field}={config.data.splits!r}: split(s) {missing} have no "
-                                  f"folder in {workdir!r} and the dataset {config.data.root!r} "
-                                  f"is not here; recorded splits: {recorded}")
-            return wanted, f"the split folders recorded in {workdir}"
+    recorded = recorded_splits(workdir) if recorded_first else []
+    if recorded:
+        spec = person_splits.parse_spec(config.data.splits, field)
+        wanted = recorded if spec.numbers is None else list(spec.numbers)
+        missing = [n for n in wanted if n not in recorded]
+        if missing:
+            raise ConfigError(f"{field}={config.data.splits!r}: split(s) {missing} have no "
+                              f"folder in {workdir!r}; it holds splits {recorded} (train them "
+                              "first with --mode train or all)")
+        return wanted, f"the split folders recorded in {workdir}"
     plan = data_lib.resolve_splits(config.data.layout, config.data.root, config.data.splits,
                                    config.data.split_file or None, field=field)
     return plan.numbers, plan.protocol

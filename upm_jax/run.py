@@ -79,7 +79,8 @@ def _run_modes(config, workdir, mode):
     mesh = sharding.make_mesh()
     results, initial = {}, {}
     _generate_synthetic(config)
-    numbers, source = experiment.splits(config, workdir)
+    numbers, source = experiment.splits(config, workdir,
+                                        recorded_first=mode in ("extract", "evaluate"))
     say(f"splits {numbers} of {source}")
     for split in numbers:
         split_dir = os.path.join(workdir, f"split_{split}")

@@ -24,6 +24,7 @@ class TestSet:
     query: np.ndarray
     gallery: np.ndarray
     layout: str
+    directions: str    # "one": query -> gallery; "both": the mean with gallery -> query
 
 
 def path_of(split_dir):
@@ -37,7 +38,7 @@ def write(split_dir, dataset, root):
     arrays = {name: getattr(test, name) for name in _TABLE_FIELDS}
     arrays.update(path=relative, num_cameras=np.asarray(test.num_cameras),
                   query=np.asarray(dataset.query), gallery=np.asarray(dataset.gallery),
-                  layout=np.asarray(dataset.layout))
+                  layout=np.asarray(dataset.layout), directions=np.asarray(dataset.directions))
     os.makedirs(split_dir, exist_ok=True)
     atomic_write(path_of(split_dir), lambda f: np.savez(f, **arrays))
 
@@ -56,4 +57,4 @@ def read(split_dir, root):
     table = FrameTable(path=paths, num_cameras=int(arrays["num_cameras"]),
                        **{name: arrays[name] for name in _TABLE_FIELDS})
     return TestSet(test=table, query=arrays["query"], gallery=arrays["gallery"],
-                   layout=str(arrays["layout"]))
+                   layout=str(arrays["layout"]), directions=str(arrays["directions"]))
