@@ -430,27 +430,24 @@ def initial_features(config, dataset, model_run, mesh):
 
 
 def _write_model_features(config, dataset, model, variables, directory, stem, mesh):
-    feats = extract_lib.extract_frame_features(
-        model, variables, dataset.test, mesh=mesh,
-        batch_size=config.eval.batch_size, image_size=config.data.image_size)
-    arrays = extract_lib.features_arrays(feats, dataset, pooling=config.eval.pooling,
-                                         frame_level=True)
-    extract_lib.write_features(os.path.join(directory, f"{stem}.npz"), arrays)
+    path = os.path.join(directory, f"{stem}.npz")
+    extract_lib.write_frame_features(model, variables, dataset, path, mesh=mesh,
+                                     batch_size=config.eval.batch_size,
+                                     image_size=config.data.image_size,
+                                     pooling=config.eval.pooling)
     if config.eval.save_mat and stem == "features":
-        extract_lib.write_mat(os.path.join(directory, "mat"), feats, dataset,
-                              config.data.layout)
+        extract_lib.write_mat(os.path.join(directory, "mat"), path, dataset, config.data.layout)
 
 
 def evaluate_split(config, dataset, runs, split_dir, stem="features"):
     """Fuses the split's models' features (per part, along D) and evaluates them."""
-    loaded = [evaluation.load_features(os.path.join(r.directory, f"{stem}.npz")) for r in runs]
-    frame_feat = np.concatenate([np.asarray(f["frame_feat"]) for f in loaded], axis=-1)
-    arrays = extract_lib.features_arrays(frame_feat, dataset, pooling=config.eval.pooling,
-                                         frame_level=config.eval.frame_features)
     path = os.path.join(split_dir, f"{stem}.npz")
-    extract_lib.write_features(path, arrays)
+    extract_lib.write_fused_features(
+        [os.path.join(r.directory, f"{stem}.npz") for r in runs], path,
+        frame_level=config.eval.frame_features, pooling=config.eval.pooling,
+        num_parts=1 if config.method == "dal" else config.model.n_part)
     return evaluation.evaluate(evaluation.load_features(path), distance=config.eval.distance,
-                               ap="both")
+                               ap="both", source=path)
 
 
 def summarize(per_split):
