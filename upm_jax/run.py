@@ -423,7 +423,8 @@ def initial_features(config, dataset, model_run, mesh):
     variables = jax.jit(lambda rng: trainer_model.init(
         rng, jnp.zeros((1, size, size // 2, 3)), train=False))(jax.random.PRNGKey(config.seed))
     if config.model.pretrained:
-        variables = models.load_pretrained(variables, config.model.pretrained)
+        variables = models.load_pretrained(variables, config.model.pretrained,
+                                           backbone=config.model.backbone)
     os.makedirs(model_run.directory, exist_ok=True)
     _write_model_features(config, dataset, trainer_model, variables, model_run.directory,
                           "initial_features", mesh)

@@ -106,7 +106,7 @@ def create_train_state(model, rng, *, image_shape, tx, memory: AnchorMemory, mes
     out_shardings = jax.tree.map(lambda _: replicated, abstract_state)
     variables = jax.jit(init_variables, out_shardings=replicated)(rng)
     if pretrained:
-        variables = load_pretrained(variables, pretrained)
+        variables = load_pretrained(variables, pretrained, backbone=model.backbone_name)
     return jax.jit(build, out_shardings=out_shardings)(variables, memory, rng)
 
 

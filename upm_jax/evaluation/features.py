@@ -215,7 +215,8 @@ def save_frame_features(path, chunks, *, shape, dtype=np.float32, **arrays):
                     "shape": (n, p, d)})
                 rows = 0
                 for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                    with np.errstate(over="ignore"):  # an overflowing cast is reported below
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
                     if chunk.ndim != 3 or chunk.shape[1:] != (p, d) or rows + len(chunk) > n:
                         _fail(source, "frame_feat", f"chunk of shape {chunk.shape} at frame {rows} "
                                                     f"does not fit [{n}, {p}, {d}]")
