@@ -112,13 +112,14 @@ def representative_frames(table):
 
 
 def write_frame_features(model, variables, dataset, path, *, mesh, batch_size, image_size,
-                         pooling):
+                         pooling, dtype=np.float32):
     """Extract every test frame straight into the features file `path`, and its montage
     paths file (`X.paths.txt`: one representative frame per tracklet) next to it.
 
     All processes extract; process 0 writes, batch by batch, so memory stays at a few
     batches however many frames there are. Features nearly identical across frames give
-    a DegenerateFeaturesWarning.
+    a DegenerateFeaturesWarning. `dtype`: how the features are stored (float16 halves the
+    file; a value beyond float16's range is an error naming the frame).
     """
     test = dataset.test
     batches = frame_feature_batches(model, variables, test, mesh=mesh, batch_size=batch_size,
@@ -141,7 +142,7 @@ def write_frame_features(model, variables, dataset, path, *, mesh, batch_size, i
             yield feats
 
     evaluation.save_frame_features(
-        path, chunks(), shape=(test.num_frames,) + first[1].shape[1:], dtype=np.float32,
+        path, chunks(), shape=(test.num_frames,) + first[1].shape[1:], dtype=dtype,
         frame_track=test.tracklet.astype(np.int64), **protocol_arrays(dataset, pooling=pooling))
     evaluation.save_montage_paths(path, representative_frames(test))
     message = spread.warning("extracted frame features", path)

@@ -25,27 +25,52 @@ class DegenerateFeaturesWarning(UserWarning):
     """Features (nearly) identical across frames or tracklets: rankings are tie order."""
 
 
-def _power_of_two_scale(x, axis):
-    """x * 2**-e with 2**e the power of two just above max|x| along `axis` (exact scaling;
-    all-zero vectors unchanged). Works in x's own dtype, so float64 beyond float32 is fine."""
-    peak = np.max(np.abs(x), axis=axis, keepdims=True)
-    _, exponent = np.frexp(peak)  # peak = m * 2**exponent, m in [0.5, 1); 0 -> exponent 0
-    return np.ldexp(x, -exponent)
+# Squared norms of float32 vectors in this range are exact to float32 rounding; outside it
+# (overflow to inf, or squares in the subnormal range) the vector is rescaled first.
+_SAFE_SQNORM = (2.0**-100, 2.0**100)
+_BLOCK_BYTES = 32 << 20
 
 
-def unit_vectors(x, axis=-1, scale=1.0):
-    """float32 copy of `x` with every nonzero vector along `axis` scaled to norm `scale`.
+def _rescaled(x, axis):
+    """float32 x * 2**-e, with 2**e the power of two just above max|x| of each vector along
+    `axis` (exact scaling, in x's own dtype; all-zero vectors unchanged)."""
+    _, exponent = np.frexp(np.max(np.abs(x), axis=axis, keepdims=True))
+    return np.ldexp(x, -exponent).astype(np.float32, copy=False)
 
-    Exact for any finite input (tiny, subnormal or near the dtype's maximum): vectors are
-    first scaled by a power of two in x's own dtype, then normalised in float32.
+
+def unit_vectors(x, axis=-1, scale=1.0, out=None):
+    """float32 `x` with every nonzero vector along `axis` (not 0) scaled to norm `scale`.
+
+    Exact for any finite input (tiny, subnormal or near the dtype's maximum): vectors whose
+    squared norm would leave float32's comfortable range are first scaled by a power of two
+    in x's own dtype. Zero vectors stay zero; `out` (may be `x` itself when float32) receives
+    the result. Works in row blocks of about 32 MB, so temporaries stay small.
     """
-    y = _power_of_two_scale(np.asarray(x), axis).astype(np.float32, copy=False)
-    norms = np.sqrt(np.sum(np.square(y), axis=axis, keepdims=True))
-    norms[norms == 0] = 1.0  # zero vectors stay zero
-    if scale != 1.0:
-        norms /= np.float32(scale)
-    y /= norms
-    return y
+    x = np.asarray(x)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
+    rows = max(1, _BLOCK_BYTES // max(1, x[0:1].nbytes)) if x.shape[0] else 1
+    for start in range(0, x.shape[0], rows):
+        block = x[start:start + rows]
+        if block.dtype.itemsize > 4:  # float64 may not fit float32 before scaling
+            y = _rescaled(block, axis)
+        else:
+            y = out[start:start + rows]
+            y[...] = block
+        sq = np.sum(np.square(y), axis=axis, keepdims=True)
+        # also zero squares: a subnormal vector's square is 0 although the vector is not
+        extreme = ~((sq >= _SAFE_SQNORM[0]) & (sq <= _SAFE_SQNORM[1]))
+        if extreme.any():  # rare: rescale those vectors (an inf/NaN stays non-finite)
+            where = np.broadcast_to(extreme, y.shape)
+            y = np.where(where, _rescaled(np.asarray(block, dtype=np.result_type(block, np.float32)),
+                                          axis), y)
+            sq = np.sum(np.square(y), axis=axis, keepdims=True)
+        norms = np.sqrt(sq)
+        norms[norms == 0] = 1.0  # zero vectors stay zero
+        if scale != 1.0:
+            norms /= np.float32(scale)
+        np.divide(y, norms, out=out[start:start + rows])
+    return out
 
 
 def normalize_parts(x):
@@ -54,8 +79,8 @@ def normalize_parts(x):
 
 
 def l2_normalize_rows(x):
-    """float32 [n, F]: each nonzero row of `x` normalised (zero rows stay zero)."""
-    return unit_vectors(x, axis=1)
+    """In place for float32 `x` [n, F]: each nonzero row normalised (zero rows stay zero)."""
+    return unit_vectors(x, axis=1, out=x if x.dtype == np.float32 else None)
 
 
 class SpreadMeter:
@@ -138,7 +163,6 @@ class TrackletPooler:
         fill = -np.inf if pooling == "max" else 0.0
         self.out = np.full((self.t, parts * dim), fill, dtype=np.float32)  # [T, P*D]
         self.counts = np.zeros(self.t, dtype=np.int64)
-        self.frames = SpreadMeter(parts * dim)
 
     def add(self, start, chunk, tracks):
         """Frames start..start+c-1: `chunk` [c, P, D] (any float dtype), `tracks` [c]."""
@@ -148,12 +172,11 @@ class TrackletPooler:
             raise FeaturesError(f"{self.where}array 'frame_track': indices must lie in [0, {self.t}), "
                                 f"found range [{tracks.min()}, {tracks.max()}] in frames "
                                 f"{start}..{start + c - 1}")
-        bad = first_nonfinite_row(chunk)
-        if bad is not None:
+        x = normalize_parts(chunk).reshape(c, self.p * self.d)  # [c, P*D]
+        if not np.isfinite(x).all():
+            bad = first_nonfinite_row(chunk)
             raise FeaturesError(f"{self.where}array 'frame_feat': contains NaN or inf (first at "
                                 f"row {start + bad})")
-        x = normalize_parts(chunk).reshape(c, self.p * self.d)  # [c, P*D]
-        self.frames.add(x * np.float32(np.sqrt(self.p)))  # per part unit: spread in [0, 1]
         if np.any(tracks[1:] < tracks[:-1]):
             order = np.argsort(tracks, kind="stable")
             tracks, x = tracks[order], x[order]
@@ -201,7 +224,9 @@ def pool_tracklets(frame_feat, frame_track, num_tracklets, *, pooling="max", req
 def _scaled_track_feat(feat, source):
     """Pooled features [T, F] as float32, scaled by one power of two when their squares
     could overflow or underflow float32 (Euclidean and cosine rankings unchanged)."""
-    peak = float(np.max(np.abs(feat))) if feat.size else 0.0
+    rows = max(1, _BLOCK_BYTES // max(1, feat[0:1].nbytes)) if feat.shape[0] else 1
+    peak = max((float(np.max(np.abs(feat[s:s + rows]))) for s in range(0, feat.shape[0], rows)),
+               default=0.0)
     if not np.isfinite(peak):
         check_finite("track_feat", feat.reshape(feat.shape[0], 1, -1), source)
     if peak > 2.0**40 or 0.0 < peak < 2.0**-40:
