@@ -21,7 +21,6 @@ unless --keep is given.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
