@@ -170,7 +170,6 @@ def test_features_file_says_how_the_split_is_scored(prid, ilids_release):
     for layout, root, want in (("prid2011", prid["root"], "one"),
                                ("ilidsvid", ilids_release[0], "both")):
         ds = load_dataset(layout, root)
-        feats = np.ones((ds.test.num_frames, 1, 2), np.float32)
-        arrays = extract.features_arrays(feats, ds, pooling="max")
+        arrays = extract.protocol_arrays(ds, pooling="max")
         assert str(arrays["directions"]) == want
         assert arrays["cam"].tolist() == [1] * (ds.test.num_tracklets // 2) + [2] * (ds.test.num_tracklets // 2)

@@ -175,10 +175,6 @@ def test_bad_input_raises_clear_error_on_save_and_load(tmp_path, arrays, message
 def test_pooled_values_checked_when_evaluating_a_dict():
     with pytest.raises(FeaturesError, match="'track_feat'.*NaN or inf.*row 2"):
         evaluate(_bad(track_feat=NAN))
-    huge = np.ones((4, 1, 3), np.float32)
-    huge[1] = 1e30
-    with pytest.raises(FeaturesError, match="'track_feat'.*too large.*row 1"):
-        evaluate(_bad(track_feat=huge))
 
 
 def test_frame_level_errors_are_caught_while_pooling(tmp_path):

@@ -90,3 +90,31 @@ def test_missing_and_corrupt_files_are_named(setup, tmp_path):
 def test_needs_a_backbone_subtree(tmp_path):
     with pytest.raises(PretrainedMismatchError, match="params\\['backbone'\\]"):
         load_pretrained({"params": {"Dense_0": {}}}, str(tmp_path / "w.npz"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda w: w.__setitem__("backbone/Conv2d_0/kernel", np.full_like(w["backbone/Conv2d_0/kernel"], np.nan)),
+     r"1 weight\(s\) hold NaN or inf: backbone/Conv2d_0/kernel \(216 of 216\)"),
+    (lambda w: w.__setitem__("backbone/Conv2d_1_pointwise/kernel",
+                             w["backbone/Conv2d_1_pointwise/kernel"].astype(np.complex64)),
+     r"1 weight\(s\) are not real floating point: backbone/Conv2d_1_pointwise/kernel \(complex64\)"),
+    (lambda w: w.__setitem__("backbone/Conv2d_0/BatchNorm/bias", np.zeros(8, np.int32)),
+     r"1 weight\(s\) are not real floating point: backbone/Conv2d_0/BatchNorm/bias \(int32\)"),
+])
+def test_damaged_weights_are_refused_at_load(setup, tmp_path, damage, message):
+    _, variables, weights = setup
+    bad = dict(weights)
+    damage(bad)
+    path = str(tmp_path / "damaged.npz")
+    save_weights(path, bad, backbone="mobilenet_v1", source="test")
+    with pytest.raises(WeightsFileError, match=f"{path}: " + message):
+        load_pretrained(variables, path, backbone="mobilenet_v1")
+
+
+def test_metadata_naming_another_backbone_is_refused(setup, tmp_path):
+    _, variables, weights = setup
+    path = str(tmp_path / "labelled_resnet.npz")
+    save_weights(path, weights, backbone="resnet_v1_50", source="test")  # MobileNet names, shapes fit
+    with pytest.raises(PretrainedMismatchError,
+                       match="for backbone 'resnet_v1_50'.*model's backbone is 'mobilenet_v1'"):
+        load_pretrained(variables, path, backbone="mobilenet_v1")

@@ -1,9 +1,14 @@
 """Feature extraction: batched, sharded over every device, every test frame exactly once.
 
-Writes the features file the evaluator reads (`upm_jax.evaluation` format) and, on
-request, the `.mat` files the original MATLAB scripts load.
+Streams each batch's features into the features file the evaluator reads
+(`upm_jax.evaluation` format) as it is extracted, so memory does not grow with the test
+set (MARS: 681,089 frames); writes the montage paths file next to it, fuses the models'
+files of a split chunk by chunk, and on request writes the `.mat` files the original
+MATLAB scripts load.
 """
+import itertools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,8 @@ from upm_jax import train as train_lib
 # scipy writes MATLAB v5 files, whose variables must stay under 2 GiB; the original MARS
 # script reads its test features from two files (test0.mat, test1.mat) for that reason.
 _MAT_LIMIT_BYTES = 2**31 - 1
+# Frames (evenly spaced) whose spread is measured for the degenerate-features warning.
+_SPREAD_FRAMES = 65536
 
 
 def inference_variables(restored):
@@ -39,14 +46,13 @@ def make_feature_fn(model, mesh):
     return jax.jit(features, out_shardings=batch_sharding)
 
 
-def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size, out=None,
-                           desc=None):
-    """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
+def frame_feature_batches(model, variables, table, *, mesh, batch_size, image_size, desc=None):
+    """Yield (start, float32 features [b, P, D]) of every frame of `table`, in table order,
+    one global batch at a time, on every process.
 
-    `out`: an array to fill (e.g. an `np.lib.format.open_memmap` for sets too large for
-    memory); by default a new one. Each process decodes only its contiguous slice of each
-    global batch; the device work of batch i overlaps the decoding of batch i + 1 (results
-    are fetched one batch late). `desc`: label of a progress bar over the batches (process 0).
+    Each process decodes only its contiguous slice of each global batch; the device work
+    of batch i overlaps the decoding of batch i + 1 (results are fetched one batch late).
+    `desc`: label of a progress bar over the batches (process 0).
     """
     if batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
@@ -54,64 +60,109 @@ def extract_frame_features(model, variables, table, *, mesh, batch_size, image_s
     feature_fn = make_feature_fn(model, mesh)
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     num_frames = table.num_frames
-    pending = None
-
-    def collect(out, pending):
-        feats, start = pending
-        feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))  # [B, P, D]
-        stop = min(start + batch_size, num_frames)
-        if out is None:
-            out = np.zeros((num_frames,) + feats.shape[1:], np.float32)
-        out[start:stop] = feats[:stop - start]
-        return out
-
     batches = data_lib.test_batches(table, batch_size=batch_size, image_size=image_size,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
+    pending = None
     starts = tqdm.tqdm(range(0, num_frames, batch_size), desc=desc, unit="batch",
                        disable=desc is None or jax.process_index() != 0, dynamic_ncols=True)
     for start, batch in zip(starts, batches):
         images = jax.make_array_from_process_local_data(sharding, batch["image"])
         feats = feature_fn(variables, images)
         if pending is not None:
-            out = collect(out, pending)
+            yield _fetch(pending, batch_size, num_frames)
         pending = (feats, start)
     if pending is not None:
-        out = collect(out, pending)
+        yield _fetch(pending, batch_size, num_frames)
+
+
+def _fetch(pending, batch_size, num_frames):
+    feats, start = pending
+    feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))  # [B, P, D]
+    return start, feats[:min(batch_size, num_frames - start)]
+
+
+def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size, out=None):
+    """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
+
+    `out`: an array to fill (e.g. an `np.lib.format.open_memmap`); by default a new one.
+    Test sets are written to disk as they are extracted instead (`write_frame_features`).
+    """
+    for start, feats in frame_feature_batches(model, variables, table, mesh=mesh,
+                                              batch_size=batch_size, image_size=image_size):
+        if out is None:
+            out = np.zeros((table.num_frames,) + feats.shape[1:], np.float32)
+        out[start:start + len(feats)] = feats
     return out
 
 
-def features_arrays(frame_feat, dataset, *, pooling, frame_level=True):
-    """The evaluator's arrays for the test set: frame-level, or pooled per tracklet here."""
+def protocol_arrays(dataset, *, pooling):
+    """The evaluator's arrays describing the test set's tracklets, queries and gallery."""
     test = dataset.test
-    arrays = dict(
-        pid=test.tracklet_pid.astype(np.int64),
-        cam=test.tracklet_camera.astype(np.int64) + 1,
-        query=np.asarray(dataset.query, np.int64),
-        gallery=np.asarray(dataset.gallery, np.int64),
-        pooling=np.asarray(pooling),
-        directions=np.asarray(dataset.directions))  # iLIDS-VID: "both" (mean of cam1->2, 2->1)
-    if frame_level:
-        arrays.update(frame_feat=frame_feat, frame_track=test.tracklet.astype(np.int64))
-    else:
-        pooled = evaluation.pool_tracklets(frame_feat, test.tracklet, test.num_tracklets,
-                                           pooling=pooling)  # [T, P*D], unit rows
-        arrays.update(track_feat=pooled.reshape(test.num_tracklets, *frame_feat.shape[1:]))
-    return arrays
+    return dict(pid=test.tracklet_pid.astype(np.int64),
+                cam=test.tracklet_camera.astype(np.int64) + 1,
+                query=np.asarray(dataset.query, np.int64),
+                gallery=np.asarray(dataset.gallery, np.int64),
+                pooling=np.asarray(pooling),
+                directions=np.asarray(dataset.directions))  # iLIDS-VID: "both" (mean of 1->2, 2->1)
 
 
-def write_features(path, arrays):
-    """Writes the features file atomically (validated by the evaluator's writer)."""
-    if jax.process_index() == 0:
-        evaluation.save_features(path, **arrays)
+def representative_frames(table):
+    """[T] path of the middle frame (in frame order) of each tracklet: the montage's picture."""
+    order = np.lexsort((table.frame, table.tracklet))  # by tracklet, then frame order
+    counts = np.bincount(table.tracklet, minlength=table.num_tracklets)
+    first = np.cumsum(counts) - counts
+    middle = order[np.minimum(first + counts // 2, len(order) - 1)]
+    return [str(p) if c else "" for p, c in zip(table.path[middle], counts)]
 
 
-def write_mat(directory, frame_feat, dataset, layout):
-    """The original MATLAB scripts' inputs: `test.mat` ([D, N], one column per frame, the
-    parts flattened) with per-frame `testID.mat` / `testCAM.mat`; MARS reads `test0.mat`
-    and `test1.mat` (the frames split in two halves)."""
+def write_frame_features(model, variables, dataset, path, *, mesh, batch_size, image_size,
+                         pooling, dtype=np.float32, desc=None):
+    """Extract every test frame straight into the features file `path`, and its montage
+    paths file (`X.paths.txt`: one representative frame per tracklet) next to it.
+
+    All processes extract; process 0 writes, batch by batch, so memory stays at a few
+    batches however many frames there are. Features nearly identical across frames give
+    a DegenerateFeaturesWarning. `dtype`: how the features are stored (float16 halves the
+    file; a value beyond float16's range is an error naming the frame).
+    """
+    test = dataset.test
+    batches = frame_feature_batches(model, variables, test, mesh=mesh, batch_size=batch_size,
+                                    image_size=image_size, desc=desc)
+    if jax.process_index() != 0:
+        for _ in batches:
+            pass
+        return
+    first = next(batches, None)
+    if first is None:
+        raise evaluation.FeaturesError(f"{path}: the test set has no frames")
+    spread = evaluation.SpreadMeter(int(np.prod(first[1].shape[1:])))
+    stride = max(1, test.num_frames // _SPREAD_FRAMES)
+
+    def chunks():
+        for start, feats in itertools.chain([first], batches):
+            sample = feats[(-start) % stride::stride]  # frames whose index is a multiple of stride
+            if len(sample):
+                spread.add(evaluation.normalize_parts(sample) * np.sqrt(feats.shape[1]))
+            yield feats
+
+    evaluation.save_frame_features(
+        path, chunks(), shape=(test.num_frames,) + first[1].shape[1:], dtype=dtype,
+        frame_track=test.tracklet.astype(np.int64), **protocol_arrays(dataset, pooling=pooling))
+    evaluation.save_montage_paths(path, representative_frames(test))
+    message = spread.warning("extracted frame features", path)
+    if message:
+        warnings.warn(message, evaluation.DegenerateFeaturesWarning, stacklevel=2)
+
+
+def write_mat(directory, features_path, dataset, layout):
+    """The original MATLAB scripts' inputs, from the features file `features_path`:
+    `test.mat` ([D, N], one column per frame, the parts flattened) with per-frame
+    `testID.mat` / `testCAM.mat`; MARS reads `test0.mat` and `test1.mat` (the frames split
+    in two halves). scipy builds each variable in memory: [P*D, N] float32 at a time."""
     if jax.process_index() != 0:
         return
+    frame_feat = evaluation.load_features(features_path)["frame_feat"]
     os.makedirs(directory, exist_ok=True)
     test = dataset.test
     feats = frame_feat.reshape(len(frame_feat), -1).T  # [P*D, N]
@@ -123,11 +174,5 @@ def write_mat(directory, frame_feat, dataset, layout):
     files["testID.mat"] = ("testID", test.pid.astype(np.float64)[:, None])
     files["testCAM.mat"] = ("testCAM", (test.camera.astype(np.float64) + 1)[:, None])
     for name, (variable, value) in files.items():
-        _atomic_savemat(os.path.join(directory, name), {variable: np.ascontiguousarray(value)})
-
-
-def _atomic_savemat(path, variables):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        scipy.io.savemat(f, variables, do_compression=False)
-    os.replace(tmp, path)
+        evaluation.atomic_write(os.path.join(directory, name), lambda f: scipy.io.savemat(
+            f, {variable: np.ascontiguousarray(value, dtype=np.float32)}, do_compression=False))

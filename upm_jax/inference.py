@@ -64,17 +64,15 @@ def initial_features(config, test_set, model_run, mesh):
 
 
 def write_model_features(config, test_set, model, variables, model_run, stem, mesh):
-    """`<model dir>/<stem>.npz`: per-frame features of every test frame, with their ids."""
-    feats = extract_lib.extract_frame_features(
-        model, variables, test_set.test, mesh=mesh,
-        batch_size=config.eval.batch_size, image_size=config.data.image_size,
-        desc=f"split {model_run.split} {model_run.name} {stem}")
-    arrays = extract_lib.features_arrays(feats, test_set, pooling=config.eval.pooling,
-                                         frame_level=True)
+    """`<model dir>/<stem>.npz`: per-frame features of every test frame, with their ids,
+    streamed to disk as they are extracted; its montage paths file next to it."""
     path = os.path.join(model_run.directory, f"{stem}.npz")
-    extract_lib.write_features(path, arrays)
+    extract_lib.write_frame_features(
+        model, variables, test_set, path, mesh=mesh, batch_size=config.eval.batch_size,
+        image_size=config.data.image_size, pooling=config.eval.pooling,
+        desc=f"split {model_run.split} {model_run.name} {stem}")
     say(f"split {model_run.split} {model_run.name}: wrote {path}")
     if config.eval.save_mat and stem == "features":
         directory = os.path.join(model_run.directory, "mat")
-        extract_lib.write_mat(directory, feats, test_set, config.data.layout)
+        extract_lib.write_mat(directory, path, test_set, config.data.layout)
         say(f"split {model_run.split} {model_run.name}: wrote the MATLAB files in {directory}")

@@ -3,19 +3,14 @@ fused per part (LAM and GAM concatenated along D), evaluated, and the run's summ
 import json
 import os
 
-import numpy as np
-
 from upm_jax import evaluation
-from upm_jax import extract as extract_lib
 from upm_jax.evaluation.features import atomic_write
 from upm_jax.experiment import ConfigError, num_parts
 from upm_jax.progress import say
 
-# Arrays every model's features file of one split must share (they describe the test set).
-_SHARED = ("pid", "cam", "query", "gallery", "frame_track")
 
-
-def _load_model_features(config, model_run, stem):
+def _check_model_features(config, model_run, stem):
+    """The model's features file: present, per frame, with the run's part count."""
     path = os.path.join(model_run.directory, f"{stem}.npz")
     if not os.path.isfile(path):
         raise ConfigError(f"no features file {path}: extract first (--mode extract or all)")
@@ -31,33 +26,19 @@ def _load_model_features(config, model_run, stem):
             f"{expected} for its {model_run.name} model (config.model.n_part="
             f"{config.model.n_part}); extract again (--mode extract) or use the workdir's "
             "own config")
-    return path, features
+    return path
 
 
 def evaluate_split(config, runs, split_dir, stem="features"):
-    """Fuses the split's models' `<stem>.npz` (per part, along D), writes the evaluated
-    file `split_dir/<stem>.npz` and returns its results."""
-    loaded = [_load_model_features(config, r, stem) for r in runs]
-    first_path, first = loaded[0]
-    for path, features in loaded[1:]:
-        for name in _SHARED:
-            if not np.array_equal(features[name], first[name]):
-                raise ConfigError(f"{path} and {first_path} describe different test sets "
-                                  f"(array '{name}' differs); extract both again")
-    frame_feat = np.concatenate([np.asarray(f["frame_feat"]) for _, f in loaded], axis=-1)
-    arrays = dict(pid=first["pid"], cam=first["cam"], query=first["query"],
-                  gallery=first["gallery"], pooling=np.asarray(config.eval.pooling))
-    if config.eval.frame_features:
-        arrays.update(frame_feat=frame_feat, frame_track=first["frame_track"])
-    else:
-        num_tracklets = len(first["pid"])
-        pooled = evaluation.pool_tracklets(frame_feat, first["frame_track"], num_tracklets,
-                                           pooling=config.eval.pooling)  # [T, P*D]
-        arrays.update(track_feat=pooled.reshape(num_tracklets, *frame_feat.shape[1:]))
+    """Fuses the split's models' `<stem>.npz` (per part, along D, chunk by chunk), writes
+    the evaluated file `split_dir/<stem>.npz` and returns its results."""
+    inputs = [_check_model_features(config, r, stem) for r in runs]
     path = os.path.join(split_dir, f"{stem}.npz")
-    extract_lib.write_features(path, arrays)
+    evaluation.fuse_features(inputs, path, frame_level=config.eval.frame_features,
+                             pooling=config.eval.pooling,
+                             num_parts=num_parts(config, runs[0].head))
     results = evaluation.evaluate(evaluation.load_features(path),
-                                  distance=config.eval.distance, ap="both")
+                                  distance=config.eval.distance, ap="both", source=path)
     say(f"{os.path.basename(split_dir)}: evaluated {path} ({stem}): Rank-1 "
         f"{results['paper']['rank1']:.2f}, mAP {results['paper']['mAP']:.2f} (paper mode)")
     return results

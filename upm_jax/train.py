@@ -88,7 +88,8 @@ def init_variables(model, rng, *, image_shape, mesh, pretrained=None):
 
     variables = jax.jit(init, out_shardings=replicated)(rng)
     if pretrained:
-        variables = jax.device_put(load_pretrained(variables, pretrained), replicated)
+        variables = jax.device_put(
+            load_pretrained(variables, pretrained, backbone=model.backbone_name), replicated)
     return variables
 
 

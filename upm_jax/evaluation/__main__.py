@@ -7,8 +7,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from upm_jax.evaluation.features import FeaturesError, atomic_write, load_features
+from upm_jax.evaluation.features import (FeaturesError, atomic_write, load_features,
+                                         montage_paths_file)
 from upm_jax.evaluation.metrics import evaluate_files
 from upm_jax.evaluation.plots import plot_cmc, plot_montage, rank_lists
 
@@ -29,7 +31,8 @@ def _parser():
     p.add_argument("--plot", metavar="OUT.png", help="CMC curves PNG")
     p.add_argument("--montage", metavar="OUT.png", help="rank-list montage PNG (first FILE)")
     p.add_argument("--paths", metavar="PATHS.txt",
-                   help="one image path per tracklet (line t = tracklet t), for --montage")
+                   help="one image path per tracklet (line t = tracklet t), for --montage "
+                        "(default: the FILE's own X.paths.txt, written by extraction)")
     p.add_argument("--queries", default="0,1,2", metavar="i,j,k",
                    help="positions in the query list shown by --montage")
     p.add_argument("--topk", type=int, default=10, help="gallery entries per montage row")
@@ -67,7 +70,20 @@ def main(argv=None):
     if not files:
         _parser().error("give at least one features FILE")
     if args.montage and not args.paths:
-        _parser().error("--montage needs --paths PATHS.txt")
+        args.paths = montage_paths_file(files[0])
+        if not os.path.isfile(args.paths):
+            _parser().error(f"--montage needs --paths PATHS.txt ({args.paths}, which extraction "
+                            f"writes next to {files[0]}, does not exist)")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args, files)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _run(args, files):
     try:
         result = evaluate_files(files, distance=args.distance, ap=args.ap, rerank=args.rerank,
                                 pooling=args.pooling)
@@ -85,7 +101,7 @@ def main(argv=None):
             mode = "standard" if args.ap == "standard" else "paper"
             ranked = rank_lists(load_features(files[0]), positions, k=args.topk,
                                 distance=args.distance, mode=mode, rerank=args.rerank,
-                                pooling=args.pooling)
+                                pooling=args.pooling, source=files[0])
             plot_montage(_read_paths(args.paths), ranked, args.montage)
     except (FeaturesError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

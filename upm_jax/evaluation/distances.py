@@ -8,7 +8,8 @@ def pairwise_distances(a, b, *, distance="euclidean", a_sqnorm=None, b_sqnorm=No
                        squared=False):
     """Distances [n, m] float32 between rows of `a` [n, F] and `b` [m, F]; one BLAS product.
 
-    Euclidean: sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0)); cosine: max(1 - a.b / (|a||b|), 0).
+    Euclidean: sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0)); cosine: max(1 - a.b / (|a||b|), 0), where a
+    zero row has cosine distance 1 to everything.
     `a_sqnorm` [n] / `b_sqnorm` [m]: squared row norms, when already known. `squared=True`
     returns squared Euclidean distances (same ranking, one pass less).
     """
@@ -25,8 +26,13 @@ def pairwise_distances(a, b, *, distance="euclidean", a_sqnorm=None, b_sqnorm=No
         prod += b2[None, :]
         np.maximum(prod, 0.0, out=prod)
         return prod if squared else np.sqrt(prod, out=prod)
-    inv = 1.0 / np.maximum(np.sqrt(a2), 1e-12)
-    prod *= inv[:, None]
-    prod *= (1.0 / np.maximum(np.sqrt(b2), 1e-12))[None, :]
+    prod *= _inverse_norms(a2)[:, None]
+    prod *= _inverse_norms(b2)[None, :]
     np.subtract(1.0, prod, out=prod)
     return np.maximum(prod, 0.0, out=prod)
+
+
+def _inverse_norms(sqnorm):
+    """1 / |x| from squared norms, 0 for zero rows (any nonzero norm counts, however small)."""
+    norms = np.sqrt(np.asarray(sqnorm, dtype=np.float32))
+    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)

@@ -53,6 +53,17 @@ def _check_float(source, name, a):
         _fail(source, name, f"expected P >= 1 and D >= 1, got shape {a.shape}")
 
 
+def describe(value):
+    """A short plain description of a value for an error message (no `np.str_(...)` reprs)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return f"{value.item()!r} ({value.dtype.name})"
+        return f"an array of shape {value.shape} ({value.dtype.name})"
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    return repr(value)
+
+
 def first_nonfinite_row(chunk):
     """Index of the first row of `chunk` holding NaN or inf, or None."""
     finite = np.isfinite(chunk)
@@ -139,13 +150,13 @@ def validate_features(arrays, source="", check_values=True):
         pooling = arrays["pooling"]
         if not (isinstance(pooling, (str, np.ndarray)) and np.ndim(pooling) == 0
                 and str(pooling) in POOLINGS):
-            _fail(source, "pooling", f"expected a scalar string in {POOLINGS}, got {pooling!r}")
+            _fail(source, "pooling", f"expected a scalar string in {POOLINGS}, got {describe(pooling)}")
     if "directions" in arrays:
         directions = arrays["directions"]
         if not (isinstance(directions, (str, np.ndarray)) and np.ndim(directions) == 0
                 and str(directions) in DIRECTIONS):
             _fail(source, "directions", f"expected a scalar string in {DIRECTIONS}, got "
-                                        f"{directions!r}")
+                                        f"{describe(directions)}")
         if str(directions) == "both" and np.intersect1d(arrays["query"], arrays["gallery"]).size:
             _fail(source, "directions", "'both' ranks each side with the other, so 'query' and "
                                         "'gallery' must not share tracklets")
@@ -180,6 +191,71 @@ def save_features(path, **arrays):
     arrays = {k: (np.asarray(v) if k in ("pooling", "directions") else v) for k, v in arrays.items()}
     validate_features(arrays, source=os.fspath(path))
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_frame_features(path, chunks, *, shape, dtype=np.float32, **arrays):
+    """Write a per-frame features file whose `frame_feat` [N, P, D] arrives in chunks.
+
+    `chunks` yields [c, P, D] float arrays in frame order, N frames in all, stored as
+    `dtype`; `arrays` are the other members (frame_track, pid, cam, query, gallery,
+    optional pooling). The small arrays are validated before anything is written, each
+    chunk (NaN/inf, also after the cast) as it arrives; the file appears atomically only
+    when complete. Memory: one chunk. The result is what `save_features` writes and
+    `load_features` memory-maps.
+    """
+    source = os.fspath(path)
+    n, p, d = (int(v) for v in shape)
+    dtype = np.dtype(dtype)
+    arrays = {k: (np.asarray(v) if k == "pooling" else v) for k, v in arrays.items()}
+    if "frame_feat" in arrays or "track_feat" in arrays:
+        raise FeaturesError(f"{source}: save_frame_features takes the frame features as chunks, "
+                            "not as an array")
+    # a zero-stride stand-in with the final shape lets the usual checks run on the small arrays
+    stand_in = np.broadcast_to(np.zeros((), dtype), (n, p, d))
+    t = validate_features(dict(arrays, frame_feat=stand_in), source=source, check_values=False)
+    track = arrays["frame_track"]
+    if track.min() < 0 or track.max() >= t:
+        _fail(source, "frame_track", f"indices must lie in [0, {t}), found range "
+                                     f"[{track.min()}, {track.max()}]")
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("frame_feat.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, {
+                    "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                    "shape": (n, p, d)})
+                rows = 0
+                for chunk in chunks:
+                    with np.errstate(over="ignore"):  # an overflowing cast is reported below
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                    if chunk.ndim != 3 or chunk.shape[1:] != (p, d) or rows + len(chunk) > n:
+                        _fail(source, "frame_feat", f"chunk of shape {chunk.shape} at frame {rows} "
+                                                    f"does not fit [{n}, {p}, {d}]")
+                    bad = first_nonfinite_row(chunk)
+                    if bad is not None:
+                        _fail(source, "frame_feat", f"contains NaN or inf as {dtype.name} (first "
+                                                    f"at row {rows + bad})")
+                    member.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+                    rows += len(chunk)
+                if rows != n:
+                    _fail(source, "frame_feat", f"got {rows} frames, expected {n}")
+            for name, value in arrays.items():
+                with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def montage_paths_file(features_path):
+    """The paths file written next to a features file: `X.npz` -> `X.paths.txt`."""
+    stem, _ = os.path.splitext(os.fspath(features_path))
+    return stem + ".paths.txt"
+
+
+def save_montage_paths(features_path, paths):
+    """Write the montage paths file of `features_path`: line t = an image of tracklet t."""
+    text = "".join(f"{os.fspath(p)}\n" for p in paths)
+    atomic_write(montage_paths_file(features_path), lambda f: f.write(text), mode="w")
 
 
 def _member_memmap(path, info):

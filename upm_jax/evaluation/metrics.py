@@ -12,13 +12,15 @@ among the entries that are not skipped.
   without any good entry are left out; AP = mean precision at the hits; mINP.
 """
 import os
+import warnings
 
 import numpy as np
 
 from upm_jax.evaluation import protocols
 from upm_jax.evaluation.distances import DISTANCES, pairwise_distances
-from upm_jax.evaluation.features import load_features, validate_features
-from upm_jax.evaluation.pooling import tracklet_features_and_sqnorms
+from upm_jax.evaluation.features import FeaturesError, load_features, validate_features
+from upm_jax.evaluation.pooling import (DegenerateFeaturesWarning, SpreadMeter,
+                                        tracklet_features_and_sqnorms)
 from upm_jax.evaluation.rerank import k_reciprocal_distances
 
 AP_MODES = ("paper", "standard")
@@ -133,22 +135,25 @@ def _modes(ap):
     raise ValueError(f"ap must be 'paper', 'standard' or 'both', got {ap!r}")
 
 
-def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling=None):
+def evaluate(features, *, distance="euclidean", ap="both", rerank=False, pooling=None, source=""):
     """Evaluate a features dict (see `load_features`); returns {mode: metrics}.
 
     metrics: rank1/5/10/20, mAP (and mINP in standard mode) in percent, `cmc` (whole
     curve, percent), `num_queries` (queries counted) and `gallery_size` (entries ranked).
     `rerank=True` applies k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) first.
+    `source` (the file's name) prefixes every error and warning. Gallery features that are
+    nearly identical (a degenerate model) give a DegenerateFeaturesWarning.
     """
     modes = _modes(ap)
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if pooling not in (None, "max", "mean"):
-        raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
-    validate_features(features, check_values=False)
-    feat, sq = tracklet_features_and_sqnorms(features, pooling=pooling)  # [T, F], [T]
+        raise ValueError(f"pooling must be 'max' or 'mean', got {str(pooling)!r}")
+    validate_features(features, source=source, check_values=False)
+    feat, sq = tracklet_features_and_sqnorms(features, pooling=pooling, source=source)  # [T, F], [T]
     pid = np.asarray(features["pid"]).astype(np.int64)
     cam = np.asarray(features["cam"]).astype(np.int64)
+    _warn_if_degenerate(feat, sq, np.asarray(features["gallery"]).astype(np.int64), source)
     return protocols.combine([(name, _rank(feat, sq, pid, cam, query, gallery, modes, distance, rerank))
                               for name, query, gallery in protocols.rankings(features)])
 
@@ -184,6 +189,19 @@ def _rank(feat, sq, pid, cam, query, gallery, modes, distance, rerank):
     return result
 
 
+def _warn_if_degenerate(feat, sq, gallery, source):
+    """Warn when the gallery's nonzero features, made unit, hardly differ from each other."""
+    meter = SpreadMeter(feat.shape[1])
+    gallery = gallery[sq[gallery] > 0]
+    rows = max(1, (8 << 20) // max(1, feat.shape[1]))
+    for start in range(0, gallery.shape[0], rows):
+        idx = gallery[start:start + rows]
+        meter.add(feat[idx] / np.sqrt(sq[idx])[:, None])
+    message = meter.warning("gallery tracklet features", source)
+    if message:
+        warnings.warn(message, DegenerateFeaturesWarning, stacklevel=3)
+
+
 def mean_results(results):
     """Mean over splits of every number; CMC curves averaged over their common length
     (two-direction results: each direction's numbers are averaged too)."""
@@ -201,6 +219,12 @@ def mean_results(results):
     return mean
 
 
+def feature_shape(features):
+    """(P, D) of a features dict's per-frame or pooled features."""
+    feat = features["frame_feat"] if "frame_feat" in features else features["track_feat"]
+    return tuple(int(v) for v in feat.shape[1:])
+
+
 def evaluate_files(paths, *, distance="euclidean", ap="both", rerank=False, pooling=None):
     """Evaluate several features files (splits of one protocol): each, and their mean.
 
@@ -209,6 +233,19 @@ def evaluate_files(paths, *, distance="euclidean", ap="both", rerank=False, pool
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("no features files given")
-    splits = [evaluate(load_features(p), distance=distance, ap=ap, rerank=rerank, pooling=pooling)
-              for p in paths]
+    loaded = [load_features(p) for p in paths]
+    parts = [feature_shape(f)[0] for f in loaded]
+    if len(set(parts)) > 1:
+        listing = ", ".join(f"{p} has P={n}" for p, n in zip(paths, parts))
+        raise FeaturesError(f"the files are not splits of one protocol: their part counts differ "
+                            f"({listing}); evaluate files of one model type together")
+    splits = []
+    for path, features in zip(paths, loaded):
+        try:
+            splits.append(evaluate(features, distance=distance, ap=ap, rerank=rerank,
+                                   pooling=pooling, source=path))
+        except ValueError as e:
+            if isinstance(e, FeaturesError) or str(e).startswith(path):
+                raise
+            raise ValueError(f"{path}: {e}") from None
     return {"files": paths, "splits": splits, "mean": mean_results(splits)}

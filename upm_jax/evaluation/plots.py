@@ -35,23 +35,26 @@ def plot_cmc(curves, out_png, *, max_rank=50, title="CMC"):
 
 
 def rank_lists(features, query_positions, *, k=10, distance="euclidean", mode="paper",
-               rerank=False, pooling=None):
+               rerank=False, pooling=None, source=""):
     """Top-k ranked gallery tracklets of chosen queries, as the metric sees them.
 
     `query_positions` index the `query` array. Junk entries (and, in standard mode, the
-    gallery entries that are queries) are left out. Returns a list of
+    gallery entries that are queries) are left out. `source` (the file) prefixes errors.
+    Returns a list of
     (query_tracklet, gallery_tracklets [<=k], is_match bool [<=k]).
     """
     if mode not in ("paper", "standard"):
         raise ValueError(f"mode must be 'paper' or 'standard', got {mode!r}")
-    validate_features(features, check_values=False)
+    validate_features(features, source=source, check_values=False)
     query = np.asarray(features["query"]).astype(np.int64)
     gallery = np.asarray(features["gallery"]).astype(np.int64)
     positions = np.asarray(query_positions, dtype=np.int64).reshape(-1)
     if positions.size == 0 or positions.min() < 0 or positions.max() >= query.shape[0]:
-        raise ValueError(f"query positions must lie in [0, {query.shape[0]}), got {positions.tolist()}")
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}query positions must lie in [0, {query.shape[0]}) (the length "
+                         f"of 'query'), got {positions.tolist()}")
     pid, cam = np.asarray(features["pid"]), np.asarray(features["cam"])
-    feat = tracklet_features(features, pooling=pooling)
+    feat = tracklet_features(features, pooling=pooling, source=source)
     if rerank:
         dist = k_reciprocal_distances(feat, query, gallery, distance=distance)[positions]
     else:

@@ -1,5 +1,5 @@
 """Strict merge of a ported-weights file into a model's ``backbone`` params."""
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
@@ -21,12 +21,14 @@ def _as_leaf(value: np.ndarray, like: Any):
     return value
 
 
-def load_pretrained(variables, path: str):
+def load_pretrained(variables, path: str, backbone: Optional[str] = None):
     """Return ``variables`` with ``params['backbone']`` replaced by the weights in ``path``.
 
     The file must supply every backbone param (conv kernels, BN scale/bias) with the model's
     shape and nothing else; otherwise one error lists every missing, unexpected and mis-shaped
-    name. BN moving statistics (``batch_stats``) and head params are left as they are.
+    name. ``backbone``: the model's backbone name, which the file's metadata must name too.
+    Weights must be finite real floats (``WeightsFileError`` otherwise). BN moving
+    statistics (``batch_stats``) and head params are left as they are.
     """
     was_frozen = isinstance(variables, FrozenDict)
     variables = unfreeze(variables) if was_frozen else dict(variables)
@@ -35,6 +37,11 @@ def load_pretrained(variables, path: str):
             "load_pretrained needs model variables with a params['backbone'] subtree; got "
             f"collections {sorted(variables)}")
     loaded, meta = load_weights(path)
+    if backbone is not None and meta["backbone"] != backbone:
+        raise PretrainedMismatchError(
+            f"pretrained weights {path} are for backbone {meta['backbone']!r} (from "
+            f"{meta.get('source', '?')}) but the model's backbone is {backbone!r}; port the "
+            f"{backbone} checkpoint (tools/port_weights.py) or set config.model.backbone")
     params = dict(variables["params"])
     model_flat: Dict[str, Any] = {
         "backbone/" + "/".join(k): v

@@ -54,4 +54,24 @@ def load_weights(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
         raise WeightsFileError(
             f"{path} is not a ported-weights file: it has no '{META_PREFIX}backbone' entry "
             f"(write it with tools/port_weights.py)")
+    _check_values(path, params)
     return params, meta
+
+
+def _check_values(path: str, params: Dict[str, np.ndarray]) -> None:
+    """Every weight must be a finite real float: a NaN would surface only as a NaN loss
+    (blamed on the learning rate), and int or complex weights would be cast silently."""
+    wrong = sorted(f"{k} ({v.dtype.name})" for k, v in params.items() if v.dtype.kind != "f")
+    if wrong:
+        raise WeightsFileError(
+            f"pretrained weights file {path}: {len(wrong)} weight(s) are not real floating point: "
+            f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; re-port the checkpoint "
+            "with tools/port_weights.py")
+    bad = sorted(k for k, v in params.items() if not np.isfinite(v).all())
+    if bad:
+        counts = ", ".join(f"{k} ({int((~np.isfinite(params[k])).sum())} of {params[k].size})"
+                           for k in bad[:5])
+        raise WeightsFileError(
+            f"pretrained weights file {path}: {len(bad)} weight(s) hold NaN or inf: {counts}"
+            f"{' ...' if len(bad) > 5 else ''}; the file is damaged, re-port the checkpoint "
+            "with tools/port_weights.py")
