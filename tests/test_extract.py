@@ -37,7 +37,8 @@ def _dataset(tmp_path, same_images):
                        tracklet_camera=np.array([0, 1, 0, 1], np.int32),
                        tracklet_pid=np.array([1, 1, 2, 2], np.int32),
                        tracklet_index=np.array([0, 0, 1, 1], np.int32), num_cameras=2)
-    return types.SimpleNamespace(test=table, query=np.array([0, 2]), gallery=np.array([1, 3]))
+    return types.SimpleNamespace(test=table, query=np.array([0, 2]), gallery=np.array([1, 3]),
+                                 directions="one")
 
 
 def _extract(tmp_path, same_images):
