@@ -3,11 +3,16 @@
 Orbax writes each step into a temporary folder and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact; the leftover temporary folder is
 removed the next time a manager opens the directory.
+
+Several processes: each calls the same methods; orbax writes every array's shards from the
+process that holds them and process 0 writes the metadata and commits the step. `wait`
+returns on every process only once the step is committed, so any process may then read it.
 """
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 # What extraction needs from a TrainState: inference weights, nothing else.
 INFERENCE_FIELDS = ("ema_params", "frozen_params", "batch_stats")
@@ -32,7 +37,8 @@ class Checkpoints:
                 f"no checkpoints in {self.directory}: train first (--mode train or all)")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only)
+            cleanup_tmp_directories=not read_only,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0))
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self):
@@ -64,7 +70,11 @@ class Checkpoints:
         return step
 
     def wait(self):
+        """Waits for the pending save; with several processes, until every one is past it
+        (process 0 commits the step last, and others read it next, e.g. for extraction)."""
         self._manager.wait_until_finished()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints committed")
 
     def close(self):
         self._manager.close()

@@ -42,9 +42,9 @@ def extract_frame_features(model, variables, table, *, mesh, batch_size, image_s
     """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
 
     `out`: an array to fill (e.g. an `np.lib.format.open_memmap` for sets too large for
-    memory); by default a new one. Each process decodes only its contiguous slice of each
-    global batch; the device work of batch i overlaps the decoding of batch i + 1 (results
-    are fetched one batch late).
+    memory); by default a new one. Each process decodes only the rows of each global batch
+    its devices hold; the device work of batch i overlaps the decoding of batch i + 1
+    (results are fetched one batch late).
     """
     if batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
@@ -64,10 +64,10 @@ def extract_frame_features(model, variables, table, *, mesh, batch_size, image_s
         return out
 
     batches = data_lib.test_batches(table, batch_size=batch_size, image_size=image_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    sharding=sharding)
     for start, batch in zip(range(0, num_frames, batch_size), batches):
-        images = jax.make_array_from_process_local_data(sharding, batch["image"])
+        images = jax.make_array_from_process_local_data(
+            sharding, batch["image"], (batch_size,) + batch["image"].shape[1:])
         feats = feature_fn(variables, images)
         if pending is not None:
             out = collect(out, pending)

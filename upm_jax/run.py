@@ -173,7 +173,7 @@ def _splits(config):
 def _prepare_workdir(workdir):
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -216,12 +216,13 @@ def resolve_path(path, workdir):
 def _load_dataset(config, split, workdir):
     root = resolve_path(config.data.root, workdir)
     split_file = resolve_path(config.data.split_file, workdir) or None
-    if config.data.synthetic_ids and not os.path.isdir(root):
-        if jax.process_index() == 0:
+    if config.data.synthetic_ids:
+        if jax.process_index() == 0 and not os.path.isdir(root):
             say(f"generating a synthetic {config.data.layout} set ({config.data.synthetic_ids} "
                 f"ids) in {root}")
             synthetic.generate(config.data.layout, root, ids=config.data.synthetic_ids,
                                seed=config.seed)
+        # every process, whatever it saw: one that found the folder half-written must wait too
         multihost_utils.sync_global_devices("synthetic dataset")
     dataset = data_lib.load_dataset(
         config.data.layout, root, split=split, split_file=split_file,
@@ -435,10 +436,12 @@ def _write_model_features(config, dataset, model, variables, directory, stem, me
         batch_size=config.eval.batch_size, image_size=config.data.image_size)
     arrays = extract_lib.features_arrays(feats, dataset, pooling=config.eval.pooling,
                                          frame_level=True)
-    extract_lib.write_features(os.path.join(directory, f"{stem}.npz"), arrays)
+    path = os.path.join(directory, f"{stem}.npz")
+    extract_lib.write_features(path, arrays)
     if config.eval.save_mat and stem == "features":
         extract_lib.write_mat(os.path.join(directory, "mat"), feats, dataset,
                               config.data.layout)
+    multihost_utils.sync_global_devices(f"{stem} written")  # evaluate_split reads it
 
 
 def evaluate_split(config, dataset, runs, split_dir, stem="features"):
@@ -449,6 +452,7 @@ def evaluate_split(config, dataset, runs, split_dir, stem="features"):
                                          frame_level=config.eval.frame_features)
     path = os.path.join(split_dir, f"{stem}.npz")
     extract_lib.write_features(path, arrays)
+    multihost_utils.sync_global_devices(f"fused {stem} written")  # process 0 wrote it, all read it
     return evaluation.evaluate(evaluation.load_features(path), distance=config.eval.distance,
                                ap="both")
 
