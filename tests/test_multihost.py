@@ -177,6 +177,21 @@ def test_jax_variables_are_passed_explicitly_and_checked():
     assert distributed.initialize("no", environ=env) is False
 
 
+def test_initialize_passes_the_jax_variables(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    address = f"127.0.0.1:{_free_port()}"
+    env = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
+           "SLURM_STEP_NUM_TASKS": "2"}
+    assert distributed.initialize("auto", environ=env, timeout_s=7) is True
+    assert calls == [{"coordinator_address": address, "num_processes": 2, "process_id": 0,
+                      "cluster_detection_method": "deactivate", "initialization_timeout": 7}]
+    assert jax.config.jax_cpu_collectives_implementation == "gloo"
+    calls.clear()
+    assert distributed.initialize("auto", environ={"OMPI_COMM_WORLD_SIZE": "2"}) is True
+    assert calls == [{"initialization_timeout": 300}]  # JAX detects Open MPI itself
+
+
 def test_unreachable_or_busy_coordinator_is_a_clear_error():
     port = _free_port()
     with pytest.raises(distributed.DistributedError,

@@ -4,7 +4,8 @@ Launchers, in the order they are recognised:
 
 - `JAX_COORDINATOR_ADDRESS` (host:port of process 0) with `JAX_NUM_PROCESSES` and
   `JAX_PROCESS_ID`: passed to `jax.distributed.initialize` explicitly (JAX itself reads
-  only the address from the environment);
+  only the address from the environment), every local device used unless
+  `JAX_LOCAL_DEVICE_IDS` says otherwise;
 - SLURM (`srun`, SLURM_STEP_NUM_TASKS > 1), Open MPI (`mpirun`, OMPI_COMM_WORLD_SIZE > 1) and
   multi-host TPU slices (TPU_WORKER_HOSTNAMES with several hosts): JAX detects
   coordinator, count and id itself.
@@ -121,6 +122,9 @@ def initialize(mode: str = "auto", *, timeout_s: int = 300, environ=None) -> boo
     if launcher == "jax":
         arguments = jax_arguments(environ)
         check_coordinator(arguments, timeout_s)
+        # no cluster detection on top: under SLURM it would limit each process to the one GPU
+        # of its local task id; given JAX_* the user decides (JAX_LOCAL_DEVICE_IDS, else all)
+        arguments["cluster_detection_method"] = "deactivate"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s))
