@@ -4,7 +4,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from upm_jax.data import (DatasetError, TrainInput, batch_indices, load_dataset, load_resident,
@@ -109,7 +109,7 @@ def test_train_input_replays_and_matches_across_instances(ds):
     assert np.array_equal(np.asarray(b["image"]), expected)
 
 
-def test_train_input_mesh_size_cache_and_process_slices(ds):
+def test_train_input_mesh_size_cache_and_device_order(ds):
     kw = dict(global_batch=8, image_size=IMAGE_SIZE, seed=2)
     one = TrainInput(ds.train, mesh=_mesh(1), **kw).iterate(5)
     cached = TrainInput(ds.train, mesh=_mesh(4), cache=True, **kw).iterate(5)
@@ -118,11 +118,14 @@ def test_train_input_mesh_size_cache_and_process_slices(ds):
         assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
     one.close()
     cached.close()
-    full = TrainInput(ds.train, mesh=_mesh(2), process_index=0, process_count=1, **kw).host_batch(9)
-    halves = [TrainInput(ds.train, mesh=_mesh(2), process_index=i, process_count=2,
-                         **kw).host_batch(9) for i in (0, 1)]
+    # one process holds every device, so it decodes every row, whatever the mesh's order
+    shuffled = Mesh(np.array(jax.devices()[:4])[[2, 0, 3, 1]], ("data",))
+    reordered = TrainInput(ds.train, mesh=shuffled, **kw)
+    assert reordered.local.tolist() == list(range(8))
+    batch = next(reordered.iterate(9))
+    full = TrainInput(ds.train, mesh=_mesh(2), **kw).host_batch(9)
     for k in ("image", "track", "camera"):
-        assert np.array_equal(np.concatenate([h[k] for h in halves]), full[k])
+        assert np.array_equal(np.asarray(batch[k]), full[k])
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
         TrainInput(ds.train, mesh=_mesh(8), global_batch=12, image_size=32, seed=0)
 
@@ -155,10 +158,9 @@ def test_test_batches_cover_every_frame_once(ds):
     assert last["image"].shape == (16, 32, 16, 3)
     assert (last["image"][~last["valid"]] == 0).all()
     assert np.array_equal(batches[0]["image"][5], images.decode_resize(ds.test.path[5], 32, 16))
-    parts = [list(test_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE, process_index=i,
-                               process_count=2)) for i in (0, 1)]
-    merged = np.concatenate([np.concatenate([a["index"], b["index"]]) for a, b in zip(*parts)])
-    assert np.array_equal(merged, index)
+    sharded = list(test_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE,
+                                sharding=NamedSharding(_mesh(4), PartitionSpec("data"))))
+    assert np.array_equal(np.concatenate([b["index"] for b in sharded]), index)
 
 
 def test_pipeline_names_a_corrupt_frame(ds, tmp_path):

@@ -5,12 +5,17 @@ killed mid-save leaves the previous checkpoint intact; the leftover temporary fo
 removed the next time a manager opens the directory. Before any restore the checkpoint's
 recorded shapes are compared with the model's, so a checkpoint of another model is one
 clear error instead of an orbax traceback.
+
+Several processes: each calls the same methods; orbax writes every array's shards from the
+process that holds them and process 0 writes the metadata and commits the step. `wait`
+returns on every process only once the step is committed, so any process may then read it.
 """
 import errno
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 # What extraction needs from a TrainState: inference weights, nothing else.
 INFERENCE_FIELDS = ("ema_params", "frozen_params", "batch_stats")
@@ -57,7 +62,8 @@ class Checkpoints:
         # read_only is not passed to orbax: it only logs warnings; this object never saves.
         self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only)
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0))
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=ocp.PyTreeCheckpointHandler())
 
@@ -135,7 +141,11 @@ class Checkpoints:
         return step
 
     def wait(self):
+        """Waits for the pending save; with several processes, until every one is past it
+        (process 0 commits the step last, and others read it next, e.g. for extraction)."""
         self._manager.wait_until_finished()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints committed")
 
     def close(self):
         self._manager.close()

@@ -50,9 +50,9 @@ def frame_feature_batches(model, variables, table, *, mesh, batch_size, image_si
     """Yield (start, float32 features [b, P, D]) of every frame of `table`, in table order,
     one global batch at a time, on every process.
 
-    Each process decodes only its contiguous slice of each global batch; the device work
-    of batch i overlaps the decoding of batch i + 1 (results are fetched one batch late).
-    `desc`: label of a progress bar over the batches (process 0).
+    Each process decodes only the rows of each global batch its devices hold; the device
+    work of batch i overlaps the decoding of batch i + 1 (results are fetched one batch
+    late). `desc`: label of a progress bar over the batches (process 0).
     """
     if batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
@@ -61,13 +61,13 @@ def frame_feature_batches(model, variables, table, *, mesh, batch_size, image_si
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     num_frames = table.num_frames
     batches = data_lib.test_batches(table, batch_size=batch_size, image_size=image_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    sharding=sharding)
     pending = None
     starts = tqdm.tqdm(range(0, num_frames, batch_size), desc=desc, unit="batch",
                        disable=desc is None or jax.process_index() != 0, dynamic_ncols=True)
     for start, batch in zip(starts, batches):
-        images = jax.make_array_from_process_local_data(sharding, batch["image"])
+        images = jax.make_array_from_process_local_data(
+            sharding, batch["image"], (batch_size,) + batch["image"].shape[1:])
         feats = feature_fn(variables, images)
         if pending is not None:
             yield _fetch(pending, batch_size, num_frames)

@@ -29,30 +29,13 @@ _OVERWRITE = flags.DEFINE_bool(
     "field that changes the trained model.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
-    "Call jax.distributed.initialize(): 'auto' does when the launcher provides a "
-    "coordinator (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host TPU).")
-
-_LAUNCHER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_STEP_NUM_TASKS",
-                       "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+    "Join a multi-process run (upm_jax.distributed): 'auto' does when a launcher started "
+    "several processes (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, "
+    "Open MPI, multi-host TPU).")
 
 
 class UsageError(ValueError):
     """Flags that cannot work; the message says which and why."""
-
-
-def _multi_process_launch():
-    """True when a launcher started several processes that must join one JAX runtime."""
-    for name in _LAUNCHER_VARIABLES:
-        value = os.environ.get(name, "")
-        if name == "TPU_WORKER_HOSTNAMES":
-            if len(value.split(",")) > 1:
-                return True
-        elif name == "JAX_COORDINATOR_ADDRESS":
-            if value:
-                return True
-        elif value.isdigit() and int(value) > 1:
-            return True
-    return False
 
 
 def _check_config_flags(argv):
@@ -110,8 +93,12 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax  # Imported here so the environment above applies.
 
-    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multi_process_launch()):
-        jax.distributed.initialize()
+    from upm_jax import distributed  # noqa: PLC0415
+    try:
+        distributed.initialize(_DISTRIBUTED.value)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from upm_jax import progress  # noqa: PLC0415
     from upm_jax import run as run_lib  # noqa: PLC0415
 

@@ -112,7 +112,7 @@ def _run_modes(config, workdir, mode):
 def _prepare_workdir(workdir):
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -123,12 +123,13 @@ def _prepare_workdir(workdir):
 def _generate_synthetic(config):
     """Writes the config's synthetic dataset when asked for and not on disk yet."""
     root = config.data.root
-    if config.data.synthetic_ids and not os.path.isdir(root):
-        if jax.process_index() == 0:
+    if config.data.synthetic_ids:
+        if jax.process_index() == 0 and not os.path.isdir(root):
             say(f"generating a synthetic {config.data.layout} set ({config.data.synthetic_ids} "
                 f"ids) in {root}")
             synthetic.generate(config.data.layout, root, ids=config.data.synthetic_ids,
                                seed=config.seed)
+        # every process, whatever it saw: one that found the folder half-written must wait too
         multihost_utils.sync_global_devices("synthetic dataset")
 
 
@@ -151,6 +152,7 @@ def _load_dataset(config, split, split_dir):
         say(f"skipped {path}: {reason}")
     if jax.process_index() == 0:
         test_set_lib.write(split_dir, dataset, root)
+    multihost_utils.sync_global_devices(f"{split_dir} test set recorded")  # others may read it
     return dataset
 
 

@@ -3,8 +3,9 @@
 Frames are decoded with Pillow in a thread pool and resized to (image_size, image_size // 2)
 with TF1 bilinear semantics, rounded to uint8 (the train step maps uint8 to [-1, 1]).
 The training batch at step s is `batch_indices(seed, s, ...)`, a pure function of (seed, s),
-so a resumed run replays the same batches. Each process decodes only its slice of the global
-batch; slices are assembled into global arrays sharded on the mesh's "data" axis.
+so a resumed run replays the same batches. Each process decodes only the rows of the global
+batch that its devices hold under the batch sharding (`upm_jax.sharding.process_rows`, not
+device order); they are assembled into global arrays sharded on the mesh's "data" axis.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 
+from upm_jax import sharding as sharding_lib
 from upm_jax.data import images
 from upm_jax.data.table import FrameTable
 
@@ -51,22 +53,13 @@ def decode_frames(paths, image_size: int, pool: concurrent.futures.Executor) -> 
     return out
 
 
-def _process_slice(global_batch: int, mesh, process_index, process_count):
-    index = jax.process_index() if process_index is None else int(process_index)
-    count = jax.process_count() if process_count is None else int(process_count)
-    n_data = int(mesh.shape["data"])
-    if global_batch % n_data or global_batch % count:
+def _local_rows(global_batch: int, mesh) -> np.ndarray:
+    """The rows of every global batch this process decodes: int64 [rows]."""
+    n_data = int(mesh.shape[sharding_lib.DATA_AXIS])
+    if global_batch % n_data:
         raise ValueError(f"global batch {global_batch} must be divisible by the {n_data} devices "
-                         f"of the mesh's 'data' axis and by the {count} processes")
-    local = global_batch // count
-    return slice(index * local, (index + 1) * local)
-
-
-def _global(mesh, local: np.ndarray, global_batch: int):
-    """A global array sharded on 'data' from this process's rows."""
-    sharding = NamedSharding(mesh, P("data"))
-    return jax.make_array_from_process_local_data(sharding, local,
-                                                  (global_batch,) + local.shape[1:])
+                         f"of the mesh's 'data' axis")
+    return sharding_lib.process_rows(sharding_lib.batch_sharding(mesh), global_batch)
 
 
 class TrainInput:
@@ -75,18 +68,19 @@ class TrainInput:
     `iterate(start_step)` yields {"image": uint8 [B,H,W,3], "track": int32 [B],
     "camera": int32 [B]} as global jax.Arrays sharded on the mesh's "data" axis, B = the
     global batch; step s always carries the frames `batch_indices(seed, s, N, B)`.
-    cache=True keeps every decoded frame in host memory (small sets).
+    cache=True keeps every decoded frame in host memory (small sets). `local` holds the
+    rows of each global batch this process decodes (those its devices hold).
     """
 
     def __init__(self, table: FrameTable, *, global_batch: int, image_size: int, seed: int, mesh,
-                 prefetch: int = 2, num_threads: int | None = None, cache: bool = False,
-                 process_index: int | None = None, process_count: int | None = None):
+                 prefetch: int = 2, num_threads: int | None = None, cache: bool = False):
         if table.num_frames == 0:
             raise ValueError("TrainInput: the training table has no frames")
         self.table, self.global_batch, self.image_size = table, int(global_batch), int(image_size)
         self.seed, self.mesh, self.prefetch = int(seed), mesh, max(1, int(prefetch))
         self.num_threads = _threads(num_threads)
-        self.local = _process_slice(self.global_batch, mesh, process_index, process_count)
+        self.local = _local_rows(self.global_batch, mesh)
+        self._sharding = sharding_lib.batch_sharding(mesh)
         self._track = table.track.astype(np.int32)
         self._camera = table.camera.astype(np.int32)
         h, w = images.image_shape(self.image_size)
@@ -94,7 +88,7 @@ class TrainInput:
         self._cached = np.zeros(table.num_frames, bool) if cache else None
 
     def host_batch(self, step: int, pool: concurrent.futures.Executor | None = None) -> dict:
-        """This process's numpy slice of the batch at `step`."""
+        """This process's numpy rows (`self.local`) of the batch at `step`."""
         rows = batch_indices(self.seed, step, self.table.num_frames, self.global_batch)[self.local]
         if pool is None:
             with concurrent.futures.ThreadPoolExecutor(self.num_threads) as own:
@@ -111,7 +105,8 @@ class TrainInput:
 
     def _device_batch(self, step: int, pool) -> dict:
         host = self.host_batch(step, pool)
-        return {k: _global(self.mesh, v, self.global_batch) for k, v in host.items()}
+        return {k: sharding_lib.from_process_rows(self._sharding, v, self.global_batch)
+                for k, v in host.items()}
 
     def iterate(self, start_step: int = 0) -> Iterator[dict]:
         """Yields the batches of steps start_step, start_step + 1, ... (endless)."""
@@ -139,54 +134,64 @@ def load_resident(table: FrameTable, image_size: int, mesh, *,
     """All training frames decoded, replicated on the mesh's devices.
 
     Returns {"image": uint8 [N,H,W,3], "track": int32 [N], "camera": int32 [N]} jax.Arrays.
-    Every process decodes the whole table (the arrays are replicated).
+    With several processes each decodes an equal share of the frames and the shares are
+    all-gathered, so no host decodes the whole set (every host then holds all of it, as
+    its devices need a replica).
     """
+    h, w = images.image_shape(image_size)
+    count, index = jax.process_count(), jax.process_index()
+    share = -(-table.num_frames // count)
+    rows = np.arange(index * share, min((index + 1) * share, table.num_frames))
+    local = np.zeros((share, h, w, 3), np.uint8)  # the last share padded to equal length
     with concurrent.futures.ThreadPoolExecutor(_threads(num_threads)) as pool:
-        host = {"image": decode_frames(table.path, image_size, pool),
-                "track": table.track.astype(np.int32), "camera": table.camera.astype(np.int32)}
-    replicated = NamedSharding(mesh, P())
+        local[:len(rows)] = decode_frames(table.path[rows], image_size, pool)
+    image = local if count == 1 else np.asarray(
+        multihost_utils.process_allgather(local, tiled=True))[:table.num_frames]
+    host = {"image": image, "track": table.track.astype(np.int32),
+            "camera": table.camera.astype(np.int32)}
+    replicated = sharding_lib.replicated(mesh)
     return {k: jax.make_array_from_callback(v.shape, replicated, lambda idx, v=v: v[idx])
             for k, v in host.items()}
 
 
 def resident_batches(num_frames: int, *, global_batch: int, seed: int, mesh,
-                     start_step: int = 0, process_index: int | None = None,
-                     process_count: int | None = None) -> Iterator[dict]:
+                     start_step: int = 0) -> Iterator[dict]:
     """Yields {"index": int32 [B]} sharded on "data" for steps start_step, ... (resident mode).
 
     The same rows as TrainInput would decode at each step.
     """
-    local = _process_slice(int(global_batch), mesh, process_index, process_count)
+    local = _local_rows(int(global_batch), mesh)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
     step = int(start_step)
     while True:
         rows = batch_indices(seed, step, num_frames, global_batch)[local].astype(np.int32)
-        yield {"index": _global(mesh, rows, int(global_batch))}
+        yield {"index": sharding_lib.from_process_rows(batch_sharding, rows, int(global_batch))}
         step += 1
 
 
 def test_batches(table: FrameTable, *, batch_size: int, image_size: int,
-                 num_threads: int | None = None, prefetch: int = 2, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+                 num_threads: int | None = None, prefetch: int = 2,
+                 sharding=None) -> Iterator[dict]:
     """Ordered stream covering every frame once: {"image", "index", "valid"} numpy batches.
 
     Global batch k holds rows k*batch_size ...; the last one is padded with zero images,
-    index -1 and valid False. By default every call yields whole global batches; with
-    process_count > 1 it yields only the process's equal contiguous slice of each (image,
-    index and valid alike), so each host decodes only its own frames.
+    index -1 and valid False. By default every call yields whole global batches; given the
+    batch `sharding` it yields only this process's rows of each (image, index and valid
+    alike, `upm_jax.sharding.process_rows`), so each host decodes only its own frames and
+    the batch goes straight into `jax.make_array_from_process_local_data`.
     """
-    index, count = int(process_index), int(process_count)
-    if batch_size <= 0 or batch_size % count or not 0 <= index < count:
-        raise ValueError(f"test batch size {batch_size} must be positive and divisible by "
-                         f"process_count={count}, with 0 <= process_index={index} < count")
-    local = batch_size // count
+    if batch_size <= 0:
+        raise ValueError(f"test batch size {batch_size} must be positive")
+    local = (np.arange(batch_size) if sharding is None
+             else sharding_lib.process_rows(sharding, batch_size))
     h, w = images.image_shape(image_size)
     n = table.num_frames
     starts = range(0, n, batch_size)
 
     def make(start, pool):
-        rows = np.arange(start + index * local, start + (index + 1) * local)
+        rows = start + local
         valid = rows < n
-        image = np.zeros((local, h, w, 3), np.uint8)
+        image = np.zeros((len(rows), h, w, 3), np.uint8)
         image[valid] = decode_frames(table.path[rows[valid]], image_size, pool)
         return {"image": image, "index": np.where(valid, rows, -1), "valid": valid}
 
