@@ -251,7 +251,7 @@ def test_bn_decay_override_sets_the_moving_average_rate():
 
 @pytest.mark.parametrize("shape, stride, padding", [
     ((2, 17, 9, 8), 2, "SAME"), ((2, 16, 8, 8), 1, "SAME"), ((2, 16, 8, 8), 2, "SAME"),
-    ((2, 15, 9, 8), 2, ((1, 1), (1, 1))),
+    ((2, 15, 9, 8), 2, ((1, 1), (1, 1))), ((3, 8, 6, 4), 1, "SAME"),
 ])
 def test_cpu_depthwise_taps_equal_grouped_convolution(shape, stride, padding):
     """The CPU depthwise path (shifted multiply-adds) matches XLA's grouped convolution,

@@ -2,6 +2,7 @@
 
 Parameters are always float32; ``dtype`` is the compute dtype of the activations.
 """
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -68,24 +69,106 @@ def _explicit_padding(padding: str, kernel: int, stride: int):
     raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
+def _tap_pads(shape_hw, k, stride, padding):
+    """((lo, hi), (lo, hi)) spatial pads of a k x k convolution, from a mode or explicit."""
+    if isinstance(padding, str):
+        return tuple(tuple(p) for p in lax.padtype_to_pads(shape_hw, (k, k), (stride, stride),
+                                                             padding))
+    return tuple(tuple(p) for p in padding)
+
+
+def _taps(xp, w, stride, out_hw):
+    """sum over (i, j) of the strided window of padded xp at offset (i, j) times w[i, j].
+
+    xp [B, Hp, Wp, C], w [k, k, C] -> [B, out_h, out_w, C]; one fused loop on XLA:CPU.
+    """
+    k = w.shape[0]
+    out_h, out_w = out_hw
+    y = None
+    for i in range(k):
+        for j in range(k):
+            tap = xp[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+            y = tap * w[i, j] if y is None else y + tap * w[i, j]
+    return y
+
+
 def _depthwise_by_taps(x, w, stride, padding):
     """Depthwise convolution as k*k shifted multiply-adds: x [B, H, W, C], w [k, k, 1, C].
 
     The same result as the grouped convolution (up to float summation order), and several
-    times faster, forward and backward, on XLA:CPU, whose grouped convolution is slow.
+    times faster on XLA:CPU, whose grouped convolution is slow.
     """
+    pads = _tap_pads(x.shape[1:3], w.shape[0], stride, padding)
+    return _padded_taps(x, w[:, :, 0], stride, pads)
+
+
+def _sum_leading(p):
+    """p [N, ...] summed over N by pairwise adds of halves: [...].
+
+    Written as adds of slices, so that XLA:CPU fuses the whole sum, and the shifted window
+    feeding it, into one loop over p; a reduce op instead would first copy each shifted
+    window into a buffer of its own for the library reduction.
+    """
+    while p.shape[0] > 1:
+        half = p.shape[0] // 2
+        summed = p[:half] + p[half:2 * half]
+        if p.shape[0] % 2:
+            summed = jnp.concatenate([summed[:1] + p[2 * half:], summed[1:]])
+        p = summed
+    return p[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _padded_taps(x, w, stride, pads):
+    """x [B, H, W, C] zero-padded by pads ((top, bottom), (left, right)), then the taps of w [k, k, C].
+
+    The hand-written backward keeps only the padded input, which the forward materialises
+    anyway (autodiff of the taps kept all k*k shifted copies alive and summed k*k padded
+    gradients): the input gradient is the same taps loop on the dilated, padded output
+    gradient with the kernel flipped, the kernel gradient k*k multiply-reductions.
+    """
+    return _padded_taps_fwd(x, w, stride, pads)[0]
+
+
+def _padded_taps_fwd(x, w, stride, pads):
     k = w.shape[0]
-    pads = (lax.padtype_to_pads(x.shape[1:3], (k, k), (stride, stride), padding)
-            if isinstance(padding, str) else padding)
-    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    out_h = (x.shape[1] - k) // stride + 1
-    out_w = (x.shape[2] - k) // stride + 1
-    y = None
-    for i in range(k):
-        for j in range(k):
-            tap = x[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
-            y = tap * w[i, j, 0] if y is None else y + tap * w[i, j, 0]
-    return y
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_hw = tuple((xp.shape[a] - k) // stride + 1 for a in (1, 2))
+    return _taps(xp, w, stride, out_hw), (xp, w)
+
+
+def _padded_taps_bwd(stride, pads, residuals, g):
+    xp, w = residuals
+    k = w.shape[0]
+    (top, bottom), (left, right) = pads
+    out_h, out_w = g.shape[1:3]
+    # Rows/columns of the padded input that no output window reaches (strided VALID tail).
+    rest_h = xp.shape[1] - k - (out_h - 1) * stride
+    rest_w = xp.shape[2] - k - (out_w - 1) * stride
+    gp = lax.pad(g, jnp.zeros((), g.dtype),
+                 ((0, 0, 0), (k - 1 - top, k - 1 - bottom + rest_h, stride - 1),
+                  (k - 1 - left, k - 1 - right + rest_w, stride - 1), (0, 0, 0)))
+    in_hw = (xp.shape[1] - top - bottom, xp.shape[2] - left - right)
+    dx = _taps(gp, w[::-1, ::-1], 1, in_hw)  # [B, H, W, C]
+    dw = jnp.stack([
+        jnp.stack([jnp.sum(_sum_leading(xp[:, i:i + (out_h - 1) * stride + 1:stride,
+                                           j:j + (out_w - 1) * stride + 1:stride] * g),
+                           axis=(0, 1))
+                   for j in range(k)])
+        for i in range(k)])  # [k, k, C]
+    return dx, dw.astype(w.dtype)
+
+
+_padded_taps.defvjp(_padded_taps_fwd, _padded_taps_bwd)
+
+
+def _pointwise_by_dot(x, w):
+    """1x1 convolution as a matrix product over the channels: x [B, H, W, Cin], w [1, 1, Cin, Cout].
+
+    On XLA:CPU the kernel gradient of a 1x1 convolution transposes the whole activation
+    to [C, H, W, B] first; as a dot it is one product contracting B*H*W.
+    """
+    return lax.dot_general(x, w[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class ConvBN(nn.Module):
@@ -119,9 +202,12 @@ class ConvBN(nn.Module):
             w = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
             groups = 1
         padding = _explicit_padding(self.padding, k, self.stride)
-        if self.depthwise and jax.default_backend() == "cpu":
+        on_cpu = jax.default_backend() == "cpu"
+        if self.depthwise and on_cpu:
             y = _depthwise_by_taps(x.astype(self.dtype), w.astype(self.dtype), self.stride,
                                    padding)
+        elif k == 1 and self.stride == 1 and on_cpu:
+            y = _pointwise_by_dot(x.astype(self.dtype), w.astype(self.dtype))
         else:
             y = lax.conv_general_dilated(
                 x.astype(self.dtype),
