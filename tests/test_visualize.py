@@ -180,19 +180,33 @@ def test_endpoints_by_slim_name_and_a_clear_error_for_others():
         visualize.resolve_endpoint(mobilenet, "resnet_v1_50/block4")
 
 
-@pytest.mark.parametrize("backbone,head", [("mobilenet_v1", "dal"), ("resnet_v1_50", "global")])
-def test_every_endpoint_is_the_map_its_module_returns(backbone, head):
-    # Traced only (no compilation): the perturbed module must return exactly the endpoint map
-    # once, and the cams come out [B, M, H, W].
-    model = models.build_model(backbone, head, n_part=2, depth_multiplier=0.25 if
-                               backbone == "mobilenet_v1" else 1.0)
-    frames = jax.ShapeDtypeStruct((2, 64, 32, 3), jnp.uint8)
+@pytest.mark.parametrize("backbone", ["mobilenet_v1", "resnet_v1_50"])
+def test_every_endpoint_is_the_map_its_module_returns(backbone):
+    # Traced only (no compilation): the perturbed module must return exactly the endpoint
+    # map, once (perturbed_forward raises otherwise).
+    model = models.build_model(backbone, "local", n_part=2,
+                               depth_multiplier=0.25 if backbone == "mobilenet_v1" else 1.0)
+    images = jax.ShapeDtypeStruct((2, 64, 32, 3), jnp.float32)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                   jnp.zeros((1, 64, 32, 3))))
-    maps = 1 if head == "dal" else 3
-    for endpoint in visualize.model_endpoints(model).values():
-        cams = jax.eval_shape(visualize.make_grad_cam(model, endpoint), variables, frames)
-        assert cams.shape == (2, maps, 64, 32), endpoint.name
+    endpoints = visualize.model_endpoints(model).values()
+    _, maps = jax.eval_shape(lambda v, x: model.apply(v, x, return_endpoints=True), variables,
+                             images)
+    for endpoint in endpoints:
+        _, perturbed = jax.eval_shape(visualize.perturbed_forward(model, endpoint), variables,
+                                      images, jax.ShapeDtypeStruct((), jnp.float32))
+        assert perturbed.shape == maps[endpoint.key].shape, endpoint.name
+    # A path that is not the endpoint's module is caught.
+    wrong = visualize.Endpoint("x", list(endpoints)[-1].key, ("backbone",))
+    with pytest.raises(RuntimeError, match="module backbone returned"):
+        jax.eval_shape(visualize.perturbed_forward(model, wrong), variables, images,
+                       jax.ShapeDtypeStruct((), jnp.float32))
+
+
+def test_row_labels_are_the_paths_below_the_frames_common_folder():
+    assert visualize.frame_labels(["/d/cam_a/p1/1.png", "/d/cam_b/p1/1.png"]) == [
+        "cam_a/p1/1.png", "cam_b/p1/1.png"]
+    assert visualize.frame_labels(["/d/p1/1.png", "/d/p1/2.png"]) == ["p1/1.png", "p1/2.png"]
 
 
 # --- the CLI on a tiny workdir -------------------------------------------------------------

@@ -106,14 +106,10 @@ def _objectives(num_parts: int) -> np.ndarray:
     return np.concatenate([overall, np.eye(num_parts, dtype=np.float32)])
 
 
-def make_grad_cam(model, endpoint: Endpoint):
-    """A jitted ``(variables, uint8 frames [B, H, W, 3]) -> cams [B, M, H, W]``.
-
-    M = 1 for one-part models (DAL), else 1 + P: the overall map, then one per part. The
-    cams lie in [0, 1] and are resized (bilinear) from the endpoint's [h, w] to the frames'.
-    ``model`` is any flax module called as ``model.apply(variables, images, train=False,
-    return_endpoints=True)`` returning (features [B, P, D], {key: map}).
-    """
+def perturbed_forward(model, endpoint: Endpoint):
+    """``(variables, images, delta) -> (features [B, P, D], endpoint map)`` with ``delta``
+    added to the endpoint's module output, so the gradient with respect to ``delta`` is the
+    gradient with respect to the endpoint. Fails unless exactly that module returned the map."""
 
     def forward(variables, images, delta):
         hits = []
@@ -121,8 +117,9 @@ def make_grad_cam(model, endpoint: Endpoint):
         def perturb(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and context.module.path == endpoint.path:
-                hits.append(getattr(out, "shape", None))
-                out = out + delta.astype(out.dtype)
+                hits.append(getattr(out, "shape", type(out).__name__))
+                if hasattr(out, "shape"):
+                    out = out + delta.astype(out.dtype)
             return out
 
         with nn.intercept_methods(perturb):
@@ -131,6 +128,19 @@ def make_grad_cam(model, endpoint: Endpoint):
             raise RuntimeError(f"endpoint {endpoint.name}: module {'/'.join(endpoint.path)} "
                                f"returned {hits}, expected one map of {maps[endpoint.key].shape}")
         return feats, maps[endpoint.key]
+
+    return forward
+
+
+def make_grad_cam(model, endpoint: Endpoint):
+    """A jitted ``(variables, uint8 frames [B, H, W, 3]) -> cams [B, M, H, W]``.
+
+    M = 1 for one-part models (DAL), else 1 + P: the overall map, then one per part. The
+    cams lie in [0, 1] and are resized (bilinear) from the endpoint's [h, w] to the frames'.
+    ``model`` is any flax module called as ``model.apply(variables, images, train=False,
+    return_endpoints=True)`` returning (features [B, P, D], {key: map}).
+    """
+    forward = perturbed_forward(model, endpoint)
 
     @jax.jit
     def grad_cams(variables, frames):
@@ -151,7 +161,7 @@ def make_grad_cam(model, endpoint: Endpoint):
         cams = cam_from_gradient(activation[None], grads)  # [M, B, h, w]
         height, width = frames.shape[1:3]
         cams = jax.image.resize(cams, cams.shape[:2] + (height, width), "bilinear")
-        return jnp.clip(jnp.swapaxes(cams, 0, 1), 0.0, 1.0)
+        return jnp.clip(jnp.swapaxes(cams, 0, 1), 0.0, 1.0)  # bilinear is convex: rounding only
 
     return grad_cams
 
@@ -234,14 +244,25 @@ def load_frames(paths: Sequence[str], image_size: int) -> np.ndarray:
     return np.stack([images.decode_resize(p, height, width) for p in paths])
 
 
+def frame_labels(paths: Sequence[str]):
+    """Short row labels: each path below the frames' common folder (its name if just one)."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    common = os.path.commonpath(folders)
+    if len(set(folders)) == 1:
+        common = os.path.dirname(common)
+    return [os.path.relpath(os.path.abspath(p), common) for p in paths]
+
+
 def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence[str],
-         title: str, stripes=()):
+         title: str, stripes=(), dpi: int = 110):
     """One row per frame: the frame, then each map over it; a shared colour bar (PNG, atomic).
 
     frames: uint8 [B, H, W, 3]; cams: [B, M, H, W] in [0, 1], overall first, then parts;
     stripes: per part (top, bottom) image rows, outlined on that part's map.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     from upm_jax.evaluation.features import atomic_write
@@ -251,18 +272,17 @@ def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence
     columns = ["frame", "overall"] + [f"part {p}" for p in range(1, maps)]
     panel = 1.3
     fig = Figure(figsize=(panel * len(columns) + 0.9, panel * height / width * rows + 0.7),
-                 dpi=110)
+                 dpi=dpi)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(rows, len(columns) + 1, width_ratios=[1] * len(columns) + [0.08],
                             wspace=0.05, hspace=0.12)
-    image = None
     for r in range(rows):
         for c, column in enumerate(columns):
             ax = fig.add_subplot(grid[r, c])
-            ax.imshow(frames[r], interpolation="bilinear")
+            ax.imshow(frames[r], interpolation="nearest")
             if c > 0:
-                image = ax.imshow(cams[r, c - 1], cmap=COLORMAP, vmin=0.0, vmax=1.0,
-                                  alpha=OVERLAY_ALPHA, interpolation="bilinear")
+                ax.imshow(cams[r, c - 1], cmap=COLORMAP, vmin=0.0, vmax=1.0,
+                          alpha=OVERLAY_ALPHA, interpolation="bilinear")
             if c > 1 and stripes:
                 for y in stripes[c - 2]:
                     ax.axhline(y - 0.5, color="white", linewidth=0.8, linestyle="--")
@@ -272,17 +292,19 @@ def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence
                 ax.set_title(column, fontsize=8)
             if c == 0:
                 ax.set_ylabel(labels[r], fontsize=6)
-    bar = fig.colorbar(image, cax=fig.add_subplot(grid[:, -1]))
+    # The bar shows the colour map at full opacity, not the see-through overlay.
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), COLORMAP),
+                       cax=fig.add_subplot(grid[:, -1]))
     bar.set_label("Grad-CAM (normalised)", fontsize=7)
     bar.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.08, right=0.9, top=1 - 0.45 / fig.get_figheight(), bottom=0.02)
+    fig.subplots_adjust(left=0.08, right=0.9, top=1 - 0.55 / fig.get_figheight(), bottom=0.02)
     atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
 
 
 def visualize(workdir: str, frame_paths: Sequence[str], out_png: str, *,
               layer: Optional[str] = None, model_name: Optional[str] = None,
-              split: Optional[int] = None) -> dict:
+              split: Optional[int] = None, dpi: int = 110) -> dict:
     """Grad-CAM figure of ``frame_paths`` for a workdir's trained model; returns what was
     drawn: the cams [B, M, H, W], the endpoint name and map shape, the model's name, split
     and step."""
@@ -297,8 +319,8 @@ def visualize(workdir: str, frame_paths: Sequence[str], out_png: str, *,
     title = (f"Grad-CAM, {restored.name.upper()} ({restored.model.backbone_name}) split "
              f"{restored.split}, step {restored.step}, EMA weights; layer {endpoint.name} "
              f"({map_shape[1]}x{map_shape[2]}x{map_shape[3]})")
-    draw(frames, cams, out_png, labels=[os.path.basename(p) for p in frame_paths], title=title,
-         stripes=stripe_bounds(restored.model, height, width))
+    draw(frames, cams, out_png, labels=frame_labels(frame_paths), title=title,
+         stripes=stripe_bounds(restored.model, height, width), dpi=dpi)
     return {"cams": cams, "layer": endpoint.name, "map_shape": map_shape,
             "model": restored.name, "split": restored.split, "step": restored.step}
 
@@ -315,6 +337,7 @@ def _parser():
                                                  "method's first model)")
     p.add_argument("--split", type=int, default=None,
                    help="split K (default: the lowest split with checkpoints)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of the figure")
     return p
 
 
@@ -325,7 +348,7 @@ def main(argv=None) -> int:
 
     try:
         drawn = visualize(args.workdir, args.frames, args.out, layer=args.layer,
-                          model_name=args.model, split=args.split)
+                          model_name=args.model, split=args.split, dpi=args.dpi)
     except (VisualizeError,) + run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
