@@ -159,7 +159,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
     negative_fallback, grad_norm (before clipping). The input state is donated.
 
     cross association is on when state.step >= cross_start_step (traced, no recompiles).
-    The EMA uses t = state.step (updates made before this one) and the updated params.
+    The EMA uses t = state.step (updates made before this one) and the params *before* this
+    step's update, as the original graph does: its EMA op reads the variables at the start of
+    the session run, before apply_gradients writes them (tools/compare_tf1.py measures this).
     Weight decay covers the conv kernels of trained and frozen params (frozen ones add a
     constant, as the original's regularisation loss did; only trained ones get gradient).
     """
@@ -196,7 +198,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
             batch_stats=_keep_frozen(batch_stats, state.batch_stats, frozen_scopes),
-            ema_params=optim.ema_update(state.ema_params, params, state.step, ema_decay),
+            ema_params=optim.ema_update(state.ema_params, state.params, state.step, ema_decay),
             memory=memory)
         metrics = {"loss": loss, "association_loss": assoc, "weight_decay": decay,
                    "lr": jnp.asarray(schedule(state.step), jnp.float32),

@@ -1,0 +1,432 @@
+"""One-step equivalence of upm_jax's training step with the ORIGINAL TF1 training graph.
+
+    python tools/compare_tf1.py --steps 1,10,100 [--method dal|upm_local|upm_global]
+
+For each method the original graph (run by ``tools/tf1_original.py`` in a subprocess, from
+``../shared/bench_tf1/orig/shimmed``) creates every initial variable: conv weights, BN
+gamma/beta and moving statistics, RMSProp slots, EMA shadows, anchors. All of them are
+loaded into upm_jax's TrainState (backbone names through ``upm_jax.porting.slim``'s rule
+table), both sides take the same batches (uint8 frames, tracklet ids, cameras), and after
+each listed step the whole state is compared: loss, trained params, frozen params (GAM
+relation layers), both RMSProp slots, BN moving statistics, EMA, intra and cross anchors.
+
+Difference of one array: max|ours - original| / max|original| (absolute where the original
+is all zero); a group's difference is the largest over its arrays (the loss: over every
+step so far). The original runs twice from the same initial variables, with its oneDNN CPU
+kernels (TF_ENABLE_ONEDNN_OPTS=1, TF's default, the reference) and with its plain Eigen
+kernels (=0); their difference is the original's own "kernel gap". A group passes when its
+difference is within ``--tol`` or within ``--gap-factor`` times that gap; exit status 0
+only when every group of every method passes.
+
+Why the gap and not a fixed tolerance for every group: TF's CPU fused batch norm computes
+the training variance to only ~1e-5 (Eigen) / ~4e-5 (oneDNN) relative (ours: ~2e-7 against
+float64), and a randomly initialised BN network amplifies such rounding layer by layer in
+the forward pass and far more in the backward pass, so the two originals' gradients
+already differ by tens of percent after one step. The loss, EMA, cross anchors and step
+agree to 1e-5 after one step regardless (tests/test_compare_tf1.py holds them to it).
+Anchors start at seeded N(0, 1) values by default (``--anchors zeros`` gives the
+originals' zeros, with which the first step's association gradient is identically zero).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+METHODS = ("dal", "upm_local", "upm_global")
+HEADS = {"dal": "dal", "upm_local": "local", "upm_global": "global"}
+GROUPS = ("loss", "params", "frozen params", "rms slot", "momentum slot", "bn moving stats",
+          "ema", "intra anchors", "cross anchors", "step")
+_SLOTS = {"RMSProp": "opt_state/nu", "RMSProp_1": "opt_state/trace",
+          "ExponentialMovingAverage": "ema_params"}
+# TF's momentum slot holds +lr * g / sqrt(ms + eps) and subtracts it; optax's trace follows
+# scale_by_learning_rate, so it holds the negated value and is added.
+_SIGN = {"opt_state/trace": -1.0}
+_GROUP_OF_FIELD = {"params": "params", "frozen_params": "frozen params", "opt_state/nu": "rms slot",
+                   "opt_state/trace": "momentum slot", "batch_stats": "bn moving stats",
+                   "ema_params": "ema", "memory/intra": "intra anchors",
+                   "memory/cross": "cross anchors", "step": "step", "opt_state/count": "step"}
+ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def default_original() -> str:
+    """../shared/bench_tf1/orig/shimmed beside the clone (or beside a worktree's parent)."""
+    for up in ("..", os.path.join("..", "..")):
+        path = os.path.normpath(os.path.join(ROOT, up, "shared", "bench_tf1", "orig", "shimmed"))
+        if os.path.isdir(path):
+            return path
+    return os.path.normpath(os.path.join(ROOT, "..", "shared", "bench_tf1", "orig", "shimmed"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", default="1,10,100", help="comma-separated steps after which to compare")
+    p.add_argument("--method", choices=METHODS, action="append",
+                   help="repeatable; default: all three")
+    p.add_argument("--original", default=default_original(),
+                   help="the shimmed original code (folder holding dal/ and upmnet/)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=128, help="height; width is half")
+    p.add_argument("--tracklets", default="8,7", help="tracklets per camera")
+    p.add_argument("--n-part", type=int, default=2)
+    p.add_argument("--depth-multiplier", type=float, default=0.25)
+    p.add_argument("--bn-decay", type=float, default=0.95)
+    p.add_argument("--lr", type=float, default=0.15)
+    p.add_argument("--frames", type=int, default=0,
+                   help="frames per epoch for the lr decay (default: 4 steps' worth)")
+    p.add_argument("--cross-start", type=int, default=2,
+                   help="first step (0-based) with cross-camera association on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anchors", choices=["random", "zeros"], default="random",
+                   help="initial anchors: seeded N(0, 1) (default; from zeros, the first step's "
+                        "association gradient is identically zero) or the originals' zeros")
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--gap-factor", type=float, default=2.0)
+    p.add_argument("--no-kernel-gap", action="store_true",
+                   help="skip the original's second run (steps > 1 are then held to --tol)")
+    p.add_argument("--json", default="", help="write every measured difference here")
+    args = p.parse_args(argv)
+    try:
+        args.steps = sorted({int(s) for s in args.steps.split(",")})
+        args.tracklets = tuple(int(n) for n in args.tracklets.split(","))
+    except ValueError as e:
+        p.error(f"--steps and --tracklets take comma-separated integers: {e}")
+    if args.steps[0] < 1 or min(args.tracklets) < 1 or len(args.tracklets) < 2:
+        p.error("--steps must be >= 1; --tracklets needs >= 2 cameras with >= 1 tracklet each")
+    if not os.path.isdir(os.path.join(args.original, "dal")):
+        p.error(f"--original {args.original}: no dal/ folder there; expected the shimmed original "
+                f"code (../shared/bench_tf1/orig/shimmed)")
+    args.method = args.method or list(METHODS)
+    args.frames = args.frames or 4 * args.batch
+    return args
+
+
+def make_batches(args):
+    """Step s's batch: uint8 frames [B, H, W, 3], tracklet ids and cameras (0-based), cross_on.
+
+    Every tracklet has its own coarse colour layout (8x4 blocks) and each frame adds noise, so
+    the features and batch statistics are those of distinct, non-centred images (pure noise
+    would make every BN batch mean a near-cancellation and every tracklet alike).
+    """
+    rng = np.random.default_rng(args.seed)
+    steps, b, h = args.steps[-1], args.batch, args.image_size
+    w = h // 2
+    camera = rng.integers(0, len(args.tracklets), (steps, b))
+    track = (rng.random((steps, b)) * np.asarray(args.tracklets)[camera]).astype(np.int64)
+    layouts = rng.integers(0, 256, (len(args.tracklets), max(args.tracklets), 8, 4, 3))
+    coarse = layouts[camera, track]  # [S, B, 8, 4, 3]
+    base = np.repeat(np.repeat(coarse, -(-h // 8), axis=2), -(-w // 4), axis=3)[:, :, :h, :w]
+    noise = rng.integers(-40, 41, (steps, b, h, w, 3))
+    return {"image": np.clip(base + noise, 0, 255).astype(np.uint8),
+            "track": track, "camera": camera,
+            "cross_on": np.arange(steps) >= args.cross_start}
+
+
+# --- original names <-> TrainState paths --------------------------------------------------
+
+def _gam_target(name: str, n_part: int):
+    """Flax path under head/Logits of an original GAM relation variable, or None."""
+    m = re.fullmatch(r"MobilenetV1/Logits/Relation_conv2d_(\d+)/(weights|biases)", name)
+    if m:
+        i = int(m[1])
+        layer = "global" if i == n_part else f"part_{i}"
+        return f"head/Logits/{layer}/{'kernel' if m[2] == 'weights' else 'bias'}"
+    m = re.fullmatch(r"MobilenetV1/Logits/Relation_conv2d_relu_bn_(\d+)/(weights|BatchNorm/\w+)", name)
+    if m:
+        leaf = {"weights": "kernel", "BatchNorm/gamma": "BatchNorm/scale",
+                "BatchNorm/beta": "BatchNorm/bias", "BatchNorm/moving_mean": "BatchNorm/mean",
+                "BatchNorm/moving_variance": "BatchNorm/var"}[m[2]]
+        return f"head/Logits/relation_{m[1]}/{leaf}"
+    return None
+
+
+def map_original(names, *, method: str, n_part: int, tracklets, state_keys):
+    """(targets, skipped): original name -> (state key, part, rows or None); name -> why skipped.
+
+    Backbone weights and BN gamma/beta go through ``upm_jax.porting.slim.plan`` (the project's
+    port rules); moving statistics take their layer's gamma path with ``mean``/``var``; the
+    slots ``/RMSProp``, ``/RMSProp_1`` and ``/ExponentialMovingAverage`` map to the optimizer
+    state and EMA of their variable. A name that maps nowhere and is not a known unused
+    variable is an error, and so is a TrainState leaf (other than rng) no name maps to.
+    """
+    from upm_jax.porting import slim
+
+    offsets = np.concatenate([[0], np.cumsum(tracklets)[:-1]])
+    base_names = {re.sub(r"/(RMSProp|RMSProp_1|ExponentialMovingAverage)$", "", n) for n in names}
+    backbone = [n for n in base_names if n.startswith("MobilenetV1/") and "/Logits/" not in n]
+    restore = slim.plan([n for n in backbone if not re.search(r"moving_(mean|variance)$", n)],
+                        "mobilenet_v1").restore
+
+    def param_path(base):
+        m = re.fullmatch(r"(.+/BatchNorm)/moving_(mean|variance)", base)
+        if m and "/Logits/" not in base:
+            return restore[m[1] + "/gamma"].replace("/scale", "/mean" if m[2] == "mean" else "/var")
+        return restore.get(base) or _gam_target(base, n_part)
+
+    def field_of(path):  # params / frozen_params / batch_stats
+        for field in ("params", "frozen_params", "batch_stats"):
+            if f"{field}/{path}" in state_keys:
+                return field
+        return None
+
+    targets, skipped = {}, {}
+    for name in sorted(names):
+        m = re.fullmatch(r"(intra|cross)_anchors(\d+)", name)
+        if m:
+            digits = m[2]
+            part, cam = (0, int(digits)) if method == "dal" else (int(digits[:-1]), int(digits[-1]))
+            rows = (int(offsets[cam]), int(offsets[cam] + tracklets[cam]))
+            targets[name] = (f"memory/{m[1]}", part, rows)
+            continue
+        if name == "global_step":
+            targets[name] = ("step", None, None)
+            continue
+        if "Conv2d_1c_1x1" in name:
+            skipped[name] = "classifier the originals build but never train (absent in upm_jax)"
+            continue
+        if name.endswith("/avg"):
+            skipped[name] = "moving average of the loss for TensorBoard"
+            continue
+        slot = re.fullmatch(r"(.+)/(RMSProp|RMSProp_1|ExponentialMovingAverage)", name)
+        base = slot[1] if slot else name
+        path = param_path(base)
+        if path is None:
+            raise ValueError(f"compare_tf1: original variable {name!r} maps to no upm_jax state")
+        field = field_of(path)
+        if field is None:
+            raise ValueError(f"compare_tf1: original variable {name!r} -> {path!r}, which is in none "
+                             f"of params / frozen_params / batch_stats of the TrainState")
+        if slot:
+            if field == "frozen_params":
+                skipped[name] = "EMA of a frozen relation layer (constant; upm_jax uses the layer)"
+                continue
+            targets[name] = (f"{_SLOTS[slot[2]]}/{path}", None, None)
+        else:
+            targets[name] = (f"{field}/{path}", None, None)
+    covered = {key for key, _, _ in targets.values()} | {"opt_state/count"}
+    uncovered = sorted(k for k in state_keys if k not in covered and k != "rng")
+    if uncovered:
+        raise ValueError(f"compare_tf1: {len(uncovered)} TrainState leaves get no original value, "
+                         f"e.g. {uncovered[:5]}")
+    return targets, skipped
+
+
+def _key(path) -> str:
+    parts = []
+    for k in path:
+        if hasattr(k, "name"):
+            parts.append(str(k.name))
+        elif hasattr(k, "key"):
+            parts.append(str(k.key))
+    return "/".join(parts)
+
+
+def state_leaves(state):
+    """{key: leaf} of a TrainState, keys like 'params/backbone/Conv2d_0/kernel', 'opt_state/nu/...'."""
+    import jax
+    return {_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _sign(key: str) -> float:
+    return next((v for k, v in _SIGN.items() if key.startswith(k)), 1.0)
+
+
+def load_original(state, values, targets):
+    """The TrainState with every mapped leaf replaced by the original's value (same dtype/sharding)."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    new = {}
+    for name, (key, part, rows) in targets.items():
+        if part is None:
+            new[key] = _sign(key) * np.asarray(values[name])
+        else:
+            table = new.setdefault(key, np.zeros(np.shape(state_leaves(state)[key]), np.float32))
+            table[part, rows[0]:rows[1]] = values[name]
+    step = int(np.asarray(values["global_step"]))
+    new["opt_state/count"] = np.asarray(step)
+    out = []
+    for path, leaf in leaves:
+        key = _key(path)
+        if key in new:
+            value = np.asarray(new[key]).astype(leaf.dtype)
+            if value.shape != leaf.shape:
+                raise ValueError(f"compare_tf1: {key} has shape {leaf.shape}, the original {value.shape}")
+            leaf = jax.device_put(value, leaf.sharding)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def as_original(state, targets):
+    """original name -> our value, for every mapped name."""
+    leaves = {k: np.asarray(v) for k, v in state_leaves(state).items()}
+    out = {}
+    for name, (key, part, rows) in targets.items():
+        out[name] = _sign(key) * leaves[key] if part is None else leaves[key][part, rows[0]:rows[1]]
+    return out
+
+
+def rel_diff(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    scale = np.max(np.abs(ref)) if ref.size else 0.0
+    diff = np.max(np.abs(ours - ref)) if ref.size else 0.0
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def group_diffs(ours, ref, targets, loss_ours, loss_ref):
+    """{group: (largest relative difference, name of that array)}."""
+    out = {"loss": (max(rel_diff(a, b) for a, b in zip(loss_ours, loss_ref)), "loss")}
+    for name, (key, _, _) in targets.items():
+        field = next(f for f in sorted(_GROUP_OF_FIELD, key=len, reverse=True) if key.startswith(f))
+        group = _GROUP_OF_FIELD[field]
+        d = rel_diff(ours[name], ref[name])
+        if group not in out or d > out[group][0]:
+            out[group] = (d, name)
+    return out
+
+
+# --- the two sides ------------------------------------------------------------------------
+
+def run_original(args, method, batches_path, out, *, onednn: str, init: str = ""):
+    """Run tools/tf1_original.py; returns (init values, {step: values}, per-step total loss)."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "tf1_original.py"),
+           "--original", args.original, "--method", method, "--batches", batches_path,
+           "--out", out, "--record", ",".join(map(str, args.steps)),
+           "--tracklets", ",".join(map(str, args.tracklets)), "--frames", str(args.frames),
+           "--n-part", str(args.n_part), "--depth-multiplier", repr(args.depth_multiplier),
+           "--bn-decay", repr(args.bn_decay), "--lr", repr(args.lr), "--seed", str(args.seed),
+           "--anchors", args.anchors]
+    if init:
+        cmd += ["--init", init]
+    env = dict(os.environ, **{ONEDNN: onednn, "CUDA_VISIBLE_DEVICES": ""})
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the original ({method}, {ONEDNN}={onednn}) failed:\n{done.stderr[-3000:]}")
+    init_values = dict(np.load(os.path.join(out, "init.npz")))
+    states = {s: dict(np.load(os.path.join(out, f"step_{s}.npz"))) for s in args.steps}
+    losses = np.load(os.path.join(out, "losses.npz"))
+    return init_values, states, losses["association"] + losses["shared_decay"]
+
+
+def run_ours(args, method, init_values, batches):
+    """upm_jax from the original's initial variables: (targets, skipped, {step: values}, losses)."""
+    import jax
+
+    from upm_jax import optim, sharding
+    from upm_jax import train as train_lib
+    from upm_jax.association import AnchorMemory
+    from upm_jax.models import build_model
+
+    model = build_model("mobilenet_v1", HEADS[method], n_part=args.n_part,
+                        depth_multiplier=args.depth_multiplier, bn_decay=args.bn_decay)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    memory = AnchorMemory.zeros(args.tracklets, model.num_parts, model.feature_dim)
+    tx, schedule = optim.make_optimizer("rmsprop", learning_rate=args.lr,
+                                        steps_per_epoch=args.frames / args.batch,
+                                        total_steps=args.steps[-1])
+    h = args.image_size
+    state = train_lib.create_train_state(model, jax.random.PRNGKey(args.seed), image_shape=(h, h // 2),
+                                         tx=tx, memory=memory, mesh=mesh)
+    targets, skipped = map_original(init_values, method=method, n_part=args.n_part,
+                                    tracklets=args.tracklets, state_keys=state_leaves(state))
+    state = load_original(state, init_values, targets)
+    step_fn = train_lib.make_train_step(model, tx, schedule, mesh=mesh,
+                                        cross_start_step=args.cross_start,
+                                        frozen_scopes=model.frozen_scopes)
+    states, losses = {}, []
+    for s in range(args.steps[-1]):
+        batch = {"image": batches["image"][s], "track": batches["track"][s].astype(np.int32),
+                 "camera": batches["camera"][s].astype(np.int32)}
+        state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+        if s + 1 in args.steps:
+            states[s + 1] = as_original(state, targets)
+    return targets, skipped, states, np.asarray(losses)
+
+
+def compare_method(args, method, tmp):
+    """Group differences per step: upm_jax vs the original with oneDNN kernels ('ours'), vs the
+    original with its plain Eigen kernels ('ours_vs_eigen'), and the two originals ('kernels')."""
+    batches = make_batches(args)
+    path = os.path.join(tmp, f"{method}_batches.npz")
+    images = batches["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    np.savez(path, image=images, track=batches["track"], camera=batches["camera"],
+             cross_on=batches["cross_on"])
+    ref_dir = os.path.join(tmp, f"{method}_onednn1")
+    init_values, ref, ref_loss = run_original(args, method, path, ref_dir, onednn="1")
+    targets, skipped, ours, our_loss = run_ours(args, method, init_values, batches)
+    result = {"ours": {}, "ours_vs_eigen": {}, "kernels": {}, "skipped": skipped}
+    for s in args.steps:
+        result["ours"][s] = group_diffs(ours[s], ref[s], targets, our_loss[:s], ref_loss[:s])
+    if not args.no_kernel_gap:
+        _, other, other_loss = run_original(args, method, path, os.path.join(tmp, f"{method}_onednn0"),
+                                            onednn="0", init=os.path.join(ref_dir, "init.npz"))
+        for s in args.steps:
+            result["kernels"][s] = group_diffs(other[s], ref[s], targets, other_loss[:s], ref_loss[:s])
+            result["ours_vs_eigen"][s] = group_diffs(ours[s], other[s], targets, our_loss[:s],
+                                                     other_loss[:s])
+    return result
+
+
+def verdict(args, result):
+    """[(step, group, ours, ours vs eigen or None, kernel gap or None, passed)] for one method.
+
+    A group passes when upm_jax's difference is within --tol, or within --gap-factor times
+    the original's own difference between its two kernel settings.
+    """
+    rows = []
+    for s, groups in result["ours"].items():
+        for group in GROUPS:
+            if group not in groups:
+                continue
+            ours = groups[group][0]
+            eigen = result["ours_vs_eigen"].get(s, {}).get(group, (None,))[0]
+            gap = result["kernels"].get(s, {}).get(group, (None,))[0]
+            limit = args.tol if gap is None else max(args.tol, args.gap_factor * gap)
+            rows.append((s, group, ours, eigen, gap, ours <= limit))
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    report, ok = {}, True
+    with tempfile.TemporaryDirectory(prefix="compare_tf1_") as tmp:
+        for method in args.method:
+            t0 = time.perf_counter()
+            result = compare_method(args, method, tmp)
+            rows = verdict(args, result)
+            print(f"\n{method}: largest relative difference per group [{time.perf_counter() - t0:.0f} s]"
+                  f"\n  vs oneDNN / vs Eigen: upm_jax against the original with {ONEDNN}=1 / =0;"
+                  f"\n  kernel gap: the original {ONEDNN}=0 against =1 (same initial variables)")
+            print(f"  {'step':>5} {'group':<16} {'vs oneDNN':>10} {'vs Eigen':>10} {'kernel gap':>10}"
+                  f"  ok  worst array (vs oneDNN)")
+            for s, group, ours, eigen, gap, passed in rows:
+                name = result["ours"][s][group][1]
+                texts = ["-" if v is None else f"{v:.2e}" for v in (eigen, gap)]
+                print(f"  {s:>5} {group:<16} {ours:>10.2e} {texts[0]:>10} {texts[1]:>10}  "
+                      f"{'yes' if passed else 'NO ':<3} {name}")
+                ok &= passed
+            report[method] = {"rows": [dict(step=s, group=g, upm_jax_vs_onednn=o, upm_jax_vs_eigen=e,
+                                            kernel_gap=k, passed=p) for s, g, o, e, k, p in rows],
+                              "skipped": result["skipped"]}
+    if args.json:
+        from upm_jax.evaluation.features import atomic_write
+        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1)), mode="w")
+    print("\nall groups within tolerance" if ok else "\nSOME GROUPS ARE OUT OF TOLERANCE")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
