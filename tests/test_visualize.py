@@ -14,9 +14,10 @@ from configs import demo
 from upm_jax import checkpoint as checkpoint_lib
 from upm_jax import data as data_lib
 from upm_jax import models
-from upm_jax import run
+from upm_jax import experiment
 from upm_jax import sharding
 from upm_jax import train as train_lib
+from upm_jax import trainer as trainer_lib
 from upm_jax import visualize
 from upm_jax.data import synthetic
 
@@ -234,9 +235,10 @@ def upm_workdir(tmp_path_factory):
     frames = sorted(glob.glob(os.path.join(config.data.root, "**", "*.png"), recursive=True))
     images = visualize.load_frames(frames[:8], 64).astype(np.float32) / 127.5 - 1.0
     states = {}
-    for name, head in run.METHODS["upm"]:
-        state = run.Trainer(config, dataset, head, mesh).state
-        model = run.build_model(config, head)
+    for name, head in experiment.METHODS["upm"]:
+        state = trainer_lib.make_trainer(config, head, dataset.train, mesh,
+                                         load_weights=False).state
+        model = experiment.build_model(config, head)
         # Moving statistics of real frames (bn_decay 0: one pass sets them), so that the
         # maps are not the flat ones of saturated activations.
         stats = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])(
@@ -268,7 +270,7 @@ def test_cli_draws_the_gam_model_with_its_ema_weights(upm_workdir, tmp_path, cap
 
     drawn = visualize.visualize(workdir, frames, str(tmp_path / "again.png"), model_name="gam",
                                 layer="Conv2d_11_pointwise")
-    model = run.build_model(config, "global")
+    model = experiment.build_model(config, "global")
     state = states["gam"]
     endpoint = visualize.resolve_endpoint(model, "Conv2d_11_pointwise")
     images = visualize.load_frames(frames, 64)

@@ -1,8 +1,13 @@
 """How fast is upm_jax here? One command, a printed table, and a JSON file.
 
     python tools/benchmark.py --out benchmark.json                      # everything, defaults
-    python tools/benchmark.py --sections train --backbones mobilenet_v1 --heads local \
+    python tools/benchmark.py --sections train --backbones mobilenet_v1 --heads upm_local \
         --batches 64,max --dtypes float32,bfloat16
+
+The models are trained as `--config` (default configs/prid.py, the papers' PRID2011
+settings) says, through the run's own trainer factory (`upm_jax.trainer.make_trainer`):
+optimizer, schedule, margins, clipping and EMA come from the config; the flags choose only
+backbone, method, dtype, batch and image size.
 
 Sections:
   train     training steps/s and frames/s (on-device dataset), XLA FLOPs per step, MFU
@@ -28,12 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from upm_jax import experiment  # noqa: E402
 from upm_jax import extract as extract_lib  # noqa: E402
-from upm_jax import models  # noqa: E402
-from upm_jax import optim  # noqa: E402
 from upm_jax import sharding  # noqa: E402
-from upm_jax import train as train_lib  # noqa: E402
-from upm_jax.association import AnchorMemory  # noqa: E402
+from upm_jax import trainer as trainer_lib  # noqa: E402
+from upm_jax.data import FrameTable  # noqa: E402
 
 # Dense peak FLOP/s per chip by device kind (vendor figures, no sparsity), for MFU.
 PEAK_FLOPS = {
@@ -75,38 +79,58 @@ def row_base(dtype, batch):
                 jax=jax.__version__, dtype=dtype, batch=batch)
 
 
+def bench_config(backbone, head, dtype, batch, args):
+    """`--config` with the benchmarked backbone, method, dtype, batch and image size."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_config", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.method = METHOD_OF_HEAD[head]
+    config.model.backbone = backbone
+    config.model.dtype = dtype
+    config.model.n_part = args.n_part
+    if backbone != "mobilenet_v1":
+        config.model.depth_multiplier = 1.0
+    elif args.depth_multiplier:
+        config.model.depth_multiplier = args.depth_multiplier
+    config.train.batch_size = batch
+    config.data.image_size = args.image_size
+    return config
+
+
 def build(backbone, head, dtype, args):
-    return models.build_model(
-        backbone, head, n_part=1 if head == "dal" else args.n_part, dtype=jnp.dtype(dtype),
-        depth_multiplier=args.depth_multiplier if backbone == "mobilenet_v1" else 1.0)
+    return experiment.build_model(bench_config(backbone, head, dtype, 64, args), head)
+
+
+def _training_table():
+    """A training table of _FRAMES frames over _TRACKLETS_PER_CAMERA tracklets (its paths
+    are never read: the frames are random and resident)."""
+    rng = np.random.default_rng(0)
+    cameras = np.repeat(np.arange(len(_TRACKLETS_PER_CAMERA)), _TRACKLETS_PER_CAMERA)
+    tracklet = np.sort(rng.integers(0, len(cameras), _FRAMES)).astype(np.int32)
+    return FrameTable(
+        path=np.asarray([f"frame_{i}.png" for i in range(_FRAMES)]), tracklet=tracklet,
+        frame=np.arange(_FRAMES, dtype=np.int32), tracklet_camera=cameras.astype(np.int32),
+        tracklet_pid=np.arange(1, len(cameras) + 1, dtype=np.int32),
+        tracklet_index=np.concatenate([np.arange(n) for n in _TRACKLETS_PER_CAMERA]).astype(
+            np.int32), num_cameras=len(_TRACKLETS_PER_CAMERA))
 
 
 def _train_setup(backbone, head, batch, dtype, args, mesh):
-    model = build(backbone, head, dtype, args)
-    image_size = args.image_size
-    height, width = image_size, image_size // 2
-    feature_shape = jax.eval_shape(lambda: model.init_with_output(
-        jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)), train=False)[0]).shape
-    memory = AnchorMemory.zeros(_TRACKLETS_PER_CAMERA, feature_shape[1], feature_shape[2])
-    tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.045, learning_rate_2=0.0,
-                                        steps_per_epoch=_FRAMES / batch, total_steps=20000,
-                                        decay_rate=0.94, decay_epochs=2.0)
-    state = train_lib.create_train_state(model, jax.random.PRNGKey(0),
-                                         image_shape=(height, width), tx=tx, memory=memory,
-                                         mesh=mesh)
-    step_fn = train_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=0,
-                                        frozen_scopes=model.frozen_scopes)
+    config = bench_config(backbone, head, dtype, batch, args)
+    table = _training_table()
+    trainer = trainer_lib.make_trainer(config, head, table, mesh, load_weights=False)
+    height, width = trainer.image_shape
     rng = np.random.default_rng(0)
-    per_camera = _TRACKLETS_PER_CAMERA[0]
     resident = {
         "image": rng.integers(0, 256, (_FRAMES, height, width, 3), dtype=np.uint8),
-        "track": rng.integers(0, per_camera, _FRAMES).astype(np.int32),
-        "camera": rng.integers(0, 2, _FRAMES).astype(np.int32),
+        "track": table.track, "camera": table.camera,
     }
     resident = jax.device_put(resident, sharding.replicated(mesh))
     batches = [{"index": jax.device_put(rng.integers(0, _FRAMES, batch).astype(np.int32),
                                         sharding.batch_sharding(mesh))} for _ in range(8)]
-    return state, step_fn, resident, batches
+    return trainer.state, trainer.step_fn, resident, batches
 
 
 def bench_train(backbone, head, batch, dtype, args, mesh):
@@ -244,7 +268,11 @@ def parse_args(argv):
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--n-part", type=int, default=8)
-    parser.add_argument("--depth-multiplier", type=float, default=1.0, help="MobileNet v1 width")
+    parser.add_argument("--depth-multiplier", type=float, default=1.0,
+                        help="MobileNet v1 width (0: the config's)")
+    parser.add_argument("--config", default=os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "prid.py"),
+        help="config whose training settings are timed")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-batch-limit", type=int, default=4096)
