@@ -38,6 +38,7 @@ def get_base_config():
     config.data.resident = False       # keep the uint8 training frames on the accelerator
     config.data.skip_corrupt = False   # skip (and report) unreadable images instead of failing
     config.data.synthetic_ids = 0      # > 0: generate a synthetic set of this many ids if root is empty
+    config.data.synthetic_seed = 0     # seed of that generated set (independent of config.seed)
 
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "mobilenet_v1"   # mobilenet_v1 | resnet_v1_50

@@ -164,7 +164,7 @@ def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
     for m8, m1, mr in zip(metrics8, metrics1, reversed_run[1]):
         assert m8.keys() == m1.keys()
         for k in m8:
-            assert abs(m1[k] - m8[k]) <= max(2 * abs(mr[k] - m8[k]), 1e-6 * abs(m8[k]), 1e-7), k
+            assert abs(m1[k] - m8[k]) <= max(2 * abs(mr[k] - m8[k]), 1e-5 * abs(m8[k]), 1e-7), k
     assert int(state8.step) == int(state1.step) == case["steps"]
     assert metrics8[0]["cross_consistent"] == 0.0  # step 0 < cross_start_step
     assert any(m["cross_consistent"] > 0 for m in metrics8[1:])

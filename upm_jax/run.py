@@ -126,9 +126,9 @@ def _generate_synthetic(config):
     if config.data.synthetic_ids:
         if jax.process_index() == 0 and not os.path.isdir(root):
             say(f"generating a synthetic {config.data.layout} set ({config.data.synthetic_ids} "
-                f"ids) in {root}")
+                f"ids, seed {config.data.synthetic_seed}) in {root}")
             synthetic.generate(config.data.layout, root, ids=config.data.synthetic_ids,
-                               seed=config.seed)
+                               seed=config.data.synthetic_seed)
         # every process, whatever it saw: one that found the folder half-written must wait too
         multihost_utils.sync_global_devices("synthetic dataset")
 
