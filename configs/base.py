@@ -73,7 +73,12 @@ def get_base_config():
     config.train.log_every = 100
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.batch_size = 256             # extraction batch (global)
+    # Extraction batch (global); 0 = chosen per backend (experiment.extraction_batch): one
+    # frame per device on CPU, where small batches are fastest (tools/bench_vs_tf1.py, 2-core
+    # CPU, MobileNet v1 256x128: batch 1 / 8 / 32 / 64 / 256 give 320 / 257 / 225 / 226 /
+    # 218 frames/s), 256 on GPU and TPU, where a large batch amortises each call (no
+    # accelerator figure yet: see README, Performance).
+    config.eval.batch_size = 0
     config.eval.pooling = "max"              # max | mean over a tracklet's frames
     config.eval.distance = "euclidean"       # euclidean | cosine
     config.eval.frame_features = True        # False: pool tracklets while extracting (MARS-size sets)

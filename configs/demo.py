@@ -30,6 +30,5 @@ def get_config(arg=None):
     config.train.batch_size = 64
     config.train.checkpoint_every = 200
     config.train.log_every = 50
-    config.eval.batch_size = 256
     config.eval.initial = True
     return base.apply_shortcuts(config, arg)

@@ -289,11 +289,18 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
     ("train__batch_size", -8, "config.train.batch_size=-8"),
     ("train__steps", 0, "config.train.steps=0"),
     ("train__divergence_factor", 0.5, "above 1"),
+    ("eval__batch_size", -8, "config.eval.batch_size=-8: expected 0 (chosen per backend)"),
 ])
 def test_impossible_values_fail_before_any_work(tmp_path, field, value, message):
     with pytest.raises(experiment.ConfigError, match=re.escape(message)):
         run.run(tiny_config(**{field: value}), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_extraction_batch_is_the_config_value_or_one_frame_per_cpu_device():
+    mesh = sharding.make_mesh()
+    assert experiment.extraction_batch(tiny_config(eval__batch_size=0), mesh) == mesh.size == 8
+    assert experiment.extraction_batch(tiny_config(eval__batch_size=64), mesh) == 64
 
 
 def test_an_unknown_config_field_is_named_with_a_suggestion(tmp_path):

@@ -94,7 +94,7 @@ def check_config(config, *, num_devices):
         raise ConfigError(f"config.train.anchor_init={config.train.anchor_init!r}: expected "
                           "zeros or features")
     _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",
-              "train.log_every", "train.keep_checkpoints", "eval.batch_size", "model.n_part",
+              "train.log_every", "train.keep_checkpoints", "model.n_part",
               "model.depth_multiplier")
     if config.train.divergence_factor < 0:
         raise ConfigError(f"config.train.divergence_factor={config.train.divergence_factor}: "
@@ -108,6 +108,10 @@ def check_config(config, *, num_devices):
     if config.train.batch_size % num_devices:
         raise ConfigError(f"config.train.batch_size={config.train.batch_size} must be divisible"
                           f" by the {num_devices} devices in use")
+    batch = config.eval.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ConfigError(f"config.eval.batch_size={batch!r}: expected 0 (chosen per backend) "
+                          "or a positive batch size")
     if config.eval.batch_size % num_devices:
         raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be divisible"
                           f" by the {num_devices} devices in use")
@@ -163,6 +167,20 @@ def recorded_splits(workdir):
         return []
     found = [name[len("split_"):] for name in os.listdir(workdir) if name.startswith("split_")]
     return sorted(int(k) for k in found if k.isdigit())
+
+
+# Extraction batch per backend when config.eval.batch_size is 0 (per device on CPU).
+ACCELERATOR_EXTRACTION_BATCH = 256
+
+
+def extraction_batch(config, mesh):
+    """The global extraction batch: config.eval.batch_size, or for 0 one frame per device
+    on CPU (fastest there, see configs/base.py) and 256 frames on accelerators."""
+    if config.eval.batch_size:
+        return config.eval.batch_size
+    if mesh.devices.flat[0].platform == "cpu":
+        return mesh.size
+    return max(ACCELERATOR_EXTRACTION_BATCH // mesh.size, 1) * mesh.size
 
 
 def num_parts(config, head):

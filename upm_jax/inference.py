@@ -68,7 +68,7 @@ def write_model_features(config, test_set, model, variables, model_run, stem, me
     streamed to disk as they are extracted; its montage paths file next to it."""
     path = os.path.join(model_run.directory, f"{stem}.npz")
     extract_lib.write_frame_features(
-        model, variables, test_set, path, mesh=mesh, batch_size=config.eval.batch_size,
+        model, variables, test_set, path, mesh=mesh, batch_size=experiment.extraction_batch(config, mesh),
         image_size=config.data.image_size, pooling=config.eval.pooling,
         desc=f"split {model_run.split} {model_run.name} {stem}")
     say(f"split {model_run.split} {model_run.name}: wrote {path}")

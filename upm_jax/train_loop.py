@@ -154,7 +154,7 @@ def _init_anchors_from_features(config, dataset, trainer, mesh):
                                                   trainer.state.frozen_params),
                  "batch_stats": trainer.state.batch_stats}
     feats = extract_lib.extract_frame_features(
-        trainer.model, variables, dataset.train, mesh=mesh, batch_size=config.eval.batch_size,
+        trainer.model, variables, dataset.train, mesh=mesh, batch_size=experiment.extraction_batch(config, mesh),
         image_size=config.data.image_size)
     memory = AnchorMemory.from_features(
         trainer.state.memory, feats, dataset.train.track, dataset.train.camera)
