@@ -113,6 +113,8 @@ def test_demo_reports_initial_network_once(tmp_path, capsys):
     assert "already trained" in err and "features already in" in err
     assert initial.stat().st_mtime_ns == written
     assert json.load(open(tmp_path / "results.json")) == results
+    assert cli(f"--workdir={tmp_path}", "--mode=evaluate") == 0   # keeps the initial table
+    assert json.load(open(tmp_path / "results.json")) == results
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):

@@ -97,7 +97,7 @@ def _run_modes(config, workdir, mode):
                 inference.extract_model(config, test_set, model_run, mesh)
         if mode in ("evaluate", "all") and jax.process_index() == 0:
             results[f"split_{split}"] = split_evaluation.evaluate_split(config, runs, split_dir)
-            if config.eval.initial and mode == "all":
+            if config.eval.initial and (mode == "all" or _has_initial_features(runs)):
                 initial[f"split_{split}"] = split_evaluation.evaluate_split(
                     config, runs, split_dir, stem="initial_features")
     if not results:
@@ -107,6 +107,12 @@ def _run_modes(config, workdir, mode):
         summary["initial"] = split_evaluation.summarize(initial)
     split_evaluation.write_summary(workdir, summary)
     return summary
+
+
+def _has_initial_features(runs):
+    """Whether every model of the split kept its untrained network's features (a later
+    `--mode evaluate` then reports them again, as the run that wrote them did)."""
+    return all(os.path.isfile(os.path.join(r.directory, "initial_features.npz")) for r in runs)
 
 
 def _prepare_workdir(workdir):
