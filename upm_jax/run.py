@@ -85,6 +85,7 @@ def _run_modes(config, workdir, mode):
     for split in numbers:
         split_dir = os.path.join(workdir, f"split_{split}")
         runs = experiment.model_runs(config, workdir, split)
+        dataset = None
         if mode in ("train", "all"):
             dataset = _load_dataset(config, split, split_dir)
             for model_run in runs:
@@ -92,7 +93,8 @@ def _run_modes(config, workdir, mode):
                     inference.initial_features(config, dataset, model_run, mesh)
                 train_loop.train_model(config, dataset, model_run, mesh)
         if mode in ("extract", "all"):
-            test_set = _test_set(config, split, split_dir)
+            # the tables just read serve extraction too; alone, it reads the recorded test set
+            test_set = dataset if dataset is not None else _test_set(config, split, split_dir)
             for model_run in runs:
                 inference.extract_model(config, test_set, model_run, mesh)
         if mode in ("evaluate", "all") and jax.process_index() == 0:

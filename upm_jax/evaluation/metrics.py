@@ -208,10 +208,7 @@ def mean_results(results):
     mean = {}
     for mode in results[0]:
         per = [r[mode] for r in results]
-        m = {k: float(np.mean([p[k] for p in per])) for k in per[0]
-             if k not in ("cmc", "directions")}
-        length = min(len(p["cmc"]) for p in per)
-        m["cmc"] = [float(v) for v in np.mean([p["cmc"][:length] for p in per], axis=0)]
+        m = protocols.mean_metrics(per, exclude=("directions",))
         if all("directions" in p for p in per):
             m["directions"] = {name: mean_results([{mode: p["directions"][name]} for p in per])[mode]
                                for name in per[0]["directions"]}

@@ -27,6 +27,16 @@ def rankings(features):
             (_name(cam, gallery, query) or "gallery->query", gallery, query)]
 
 
+def mean_metrics(per, exclude=()):
+    """The mean of every number of the metrics dicts `per` (keys in `exclude` left out) and
+    their CMC curves averaged over the common length."""
+    mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]
+            if k not in ("cmc", *exclude)}
+    length = min(len(p["cmc"]) for p in per)
+    mean["cmc"] = [float(v) for v in np.mean([p["cmc"][:length] for p in per], axis=0)]
+    return mean
+
+
 def combine(runs):
     """One split's result from its rankings [(name, {mode: metrics})].
 
@@ -39,12 +49,9 @@ def combine(runs):
     out = {}
     for mode in runs[0][1]:
         per = [r[mode] for _, r in runs]
-        length = min(len(p["cmc"]) for p in per)
-        mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]
-                if k not in ("cmc", "num_queries", "gallery_size")}
+        mean = mean_metrics(per, exclude=("num_queries", "gallery_size"))
         mean["num_queries"] = int(sum(p["num_queries"] for p in per))
-        mean["gallery_size"] = int(length)
-        mean["cmc"] = [float(v) for v in np.mean([p["cmc"][:length] for p in per], axis=0)]
+        mean["gallery_size"] = len(mean["cmc"])
         mean["directions"] = {name: r[mode] for name, r in runs}
         out[mode] = mean
     return out
