@@ -61,7 +61,10 @@ ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
 
 
 def default_original() -> str:
-    """../shared/bench_tf1/orig/shimmed beside the clone (or beside a worktree's parent)."""
+    """$UPM_TF1_ORIGINAL, else ../shared/bench_tf1/orig/shimmed beside the clone (or beside
+    a worktree's parent)."""
+    if os.environ.get("UPM_TF1_ORIGINAL"):
+        return os.environ["UPM_TF1_ORIGINAL"]
     for up in ("..", os.path.join("..", "..")):
         path = os.path.normpath(os.path.join(ROOT, up, "shared", "bench_tf1", "orig", "shimmed"))
         if os.path.isdir(path):
