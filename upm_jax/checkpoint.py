@@ -51,6 +51,19 @@ def _leaf_shapes(tree):
     return out
 
 
+def latest_saved_step(model_dir):
+    """The newest complete checkpoint step in `model_dir/checkpoints`, or None, from the
+    folder names alone (orbax renames a step's folder to its number only once complete).
+    Unlike `Checkpoints`, it runs no collective, so in a multi-process run any process may
+    ask at any time, whatever the others are doing."""
+    try:
+        names = os.listdir(os.path.join(model_dir, "checkpoints"))
+    except OSError:
+        return None
+    steps = [int(name) for name in names if name.isdigit()]
+    return max(steps) if steps else None
+
+
 class Checkpoints:
     """The checkpoints of one training run: `DIR/checkpoints/<step>/`."""
 

@@ -28,14 +28,8 @@ class TrainingDiverged(RuntimeError):
 
 def finished_step(model_run, config):
     """The model's newest checkpoint step when it has reached config.train.steps, else None
-    (cheap: reads only the checkpoint folder)."""
-    if not os.path.isdir(os.path.join(model_run.directory, "checkpoints")):
-        return None
-    checkpoints = checkpoint_lib.Checkpoints(model_run.directory, read_only=True)
-    try:
-        step = checkpoints.latest_step()
-    finally:
-        checkpoints.close()
+    (cheap: reads only the checkpoint folder's names, the same on every process)."""
+    step = checkpoint_lib.latest_saved_step(model_run.directory)
     return step if step is not None and step >= config.train.steps else None
 
 

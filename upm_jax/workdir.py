@@ -15,6 +15,8 @@ import time
 
 import ml_collections
 
+from upm_jax import checkpoint as checkpoint_lib
+
 from upm_jax.evaluation.features import atomic_write
 from upm_jax.experiment import ConfigError
 
@@ -108,8 +110,7 @@ def has_trained(workdir):
         if not split.startswith("split_"):
             continue
         for model in _listdir(os.path.join(workdir, split)):
-            directory = os.path.join(workdir, split, model, "checkpoints")
-            if any(step.isdigit() for step in _listdir(directory)):
+            if checkpoint_lib.latest_saved_step(os.path.join(workdir, split, model)) is not None:
                 return True
     return False
 
