@@ -19,9 +19,12 @@ side-by-side run cannot use:
 Each step is then the original loop's body, ``sess.run([train_op, anchors_op, loss])``,
 with the regularisation terms fetched alongside so the association loss can be told apart.
 
-Used by ``tools/compare_tf1.py`` in a subprocess (the two originals share module and flag
-names, so one process can hold only one of them). Input ``--batches``: an .npz with
-image float32 [S, B, H, W, 3], track / camera int64 [S, B] (0-based) and cross_on bool [S].
+Used by ``tools/compare_tf1.py`` and ``tools/learning_parity.py`` in a subprocess (the two
+originals share module and flag names, so one process can hold only one of them). Input
+``--batches``: an .npz with cross_on bool [S] and either the batches themselves, image
+float32 [S, B, H, W, 3] and track / camera int64 [S, B] (0-based), or a frame table and the
+rows of each batch: frames uint8 [N, H, W, 3], track / camera int64 [N], index int64 [S, B]
+(the image fed is then frames / 127.5 - 1 in float32, as upm_jax's step computes it).
 Output in ``--out``: ``init.npz`` (every global variable before step 1, by name),
 ``step_N.npz`` after each recorded step N, ``losses.npz`` (per-step association loss,
 weight decay of the layers upm_jax has, weight decay of the unused classifier).
@@ -177,10 +180,33 @@ def _save(path, arrays):
     os.replace(tmp, path)
 
 
+class Batches:
+    """Step s's (images float32 [B, H, W, 3], track, camera) from either --batches format."""
+
+    def __init__(self, path):
+        data = np.load(path)
+        self.cross_on = data["cross_on"]
+        if "index" in data:
+            self.frames, self.index = data["frames"], data["index"]
+            self.track, self.camera = data["track"], data["camera"]
+            self.shape = self.index.shape + self.frames.shape[1:2]
+        else:
+            self.image, self.track, self.camera = data["image"], data["track"], data["camera"]
+            self.index = None
+            self.shape = self.image.shape[:3]
+
+    def __getitem__(self, s):
+        if self.index is None:
+            return self.image[s], self.track[s], self.camera[s]
+        rows = self.index[s]
+        image = self.frames[rows].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return image, self.track[rows], self.camera[rows]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    data = np.load(args.batches)
-    steps, batch, height = data["image"].shape[:3]
+    data = Batches(args.batches)
+    steps, batch, height = data.shape
     record = sorted({int(s) for s in args.record.split(",")})
     if record[-1] > steps:
         raise SystemExit(f"--record {record[-1]} > the {steps} batches in {args.batches}")
@@ -198,8 +224,9 @@ def main(argv=None):
     _save(os.path.join(args.out, "init.npz"), _values(sess, variables))
     losses = {"association": [], "shared_decay": [], "classifier_decay": []}
     for s in range(steps):
-        feed = {ph["images"]: data["image"][s], ph["labels"]: data["track"][s] + 1,
-                ph["cams"]: data["camera"][s] + 1, ph["start_sign"]: bool(data["cross_on"][s])}
+        image, track, camera = data[s]
+        feed = {ph["images"]: image, ph["labels"]: track + 1, ph["cams"]: camera + 1,
+                ph["start_sign"]: bool(data.cross_on[s])}
         out = sess.run(fetches, feed_dict=feed)
         shared, classifier = float(sum(out["shared_decay"])), float(sum(out["classifier_decay"]))
         losses["association"].append(float(out["loss"]) - shared - classifier)
