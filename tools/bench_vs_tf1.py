@@ -113,7 +113,6 @@ def extract_worker(method, batch, image_size):
 
 
 def run_worker(args):
-    sys.path.insert(0, ROOT)
     sys.path.insert(0, args.bench_dir)
     import jax
     import wproto  # the bench's protocol module (pure Python)
@@ -245,6 +244,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
+        sys.path.insert(0, ROOT)
+        from upm_jax import host_malloc
+        host_malloc.reexec_with_huge_pages()   # as the run's entry point does
         run_worker(args)
         return 0
     return run_driver(args)

@@ -22,12 +22,17 @@ repeats, with the spread (min, max) beside it.
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":   # as the run's entry point does (UPM_JAX_MALLOC=default: not)
+    from upm_jax import host_malloc
+    host_malloc.reexec_with_huge_pages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -137,19 +142,25 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
     """Steps/s of the full training step with the on-device dataset."""
     state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
     lowered = step_fn.lower(state, batches[0], resident)
-    cost = lowered.compile().cost_analysis()
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    holder = {"state": state}
+    memory = compiled.memory_analysis()  # XLA's buffer assignment of one step, per device
+    holder = {"state": state, "usage": []}
 
     def run_steps():
+        before = resource.getrusage(resource.RUSAGE_SELF)
         s = holder["state"]
         for i in range(args.steps):
             s, metrics = step_fn(s, batches[i % len(batches)], resident)
         jax.block_until_ready(metrics["loss"])
         holder["state"] = s
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        holder["usage"].append((after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
 
     median, low, high = timed(run_steps, args.repeats)
+    kernel_s, faults = np.median(np.asarray(holder["usage"][1:]), axis=0) / args.steps  # no warm-up
     steps_per_s = args.steps / median
     peak = peak_flops(dtype)
     return dict(row_base(dtype, batch), section="train", backbone=backbone,
@@ -158,7 +169,11 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
                 steps_per_s_range=[args.steps / high, args.steps / low],
                 flops_per_step=flops,
                 mfu=(flops * steps_per_s / (peak * jax.device_count())) if peak and flops
-                else None)
+                else None,
+                xla_temp_mb=memory.temp_size_in_bytes / 2**20 if memory else None,
+                xla_argument_mb=memory.argument_size_in_bytes / 2**20 if memory else None,
+                kernel_s_per_step=float(kernel_s), minor_faults_per_step=float(faults),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def largest_batch(backbone, head, dtype, args, mesh):

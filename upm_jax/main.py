@@ -157,4 +157,6 @@ def _absl_parser(argv):
 
 
 if __name__ == "__main__":
+    from upm_jax import host_malloc
+    host_malloc.reexec_with_huge_pages()
     app.run(lambda argv: sys.exit(_guarded_main(argv)), flags_parser=_absl_parser)
