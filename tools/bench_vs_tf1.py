@@ -120,7 +120,8 @@ def run_worker(args):
     call, info = make(args.method, args.batch, args.image_size)
     for i in range(args.warmup):
         call(i)
-    info.update(framework="jax " + jax.__version__, device=jax.devices()[0].device_kind)
+    info.update(framework="jax " + jax.__version__, device=jax.devices()[0].device_kind,
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     if args.once:
         times = [call(i) for i in range(args.once)]
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -4,10 +4,10 @@ XLA:CPU allocates an executable's temporaries afresh on every run. glibc serves 
 that large with mmap and unmaps it when it is freed, so every training step faults its
 whole working set in again, 4 KiB at a time. glibc's tunable glibc.malloc.hugetlb=1
 (glibc >= 2.35) has malloc ask for transparent huge pages on those blocks: one fault per
-2 MiB. On the 2-core CPU this took a third off the demo's training step and a fifth off
-a full-size MobileNet v1 step, with the same peak RSS (README, Performance). (mallopt
-cannot do it: one arena without mmap keeps the pages, but at full size fragmentation grew
-the heap by a temporary buffer every few steps.)
+2 MiB. On the 2-core CPU the demo went from 149 to 110 CPU-seconds with the same
+results and peak RSS (README, Performance). (mallopt cannot do it: one arena without
+mmap keeps the pages, but at full size fragmentation grew the heap by a temporary buffer
+every few steps.)
 
 A tunable is read only when a program starts, so the command-line entry points call
 `reexec_with_huge_pages()` first: it replaces the process by the same command line (same
