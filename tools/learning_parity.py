@@ -39,6 +39,9 @@ import compare_tf1  # the sibling tool: original names <-> TrainState
 
 # method -> the original's graph that trains its one model (tools/tf1_original.py's names)
 ORIGINAL_METHOD = {"dal": "dal", "upm_local": "upm_local", "upm_global": "upm_global"}
+# training settings the original takes from its own flag defaults (configs/base.py's values)
+ORIGINAL_FIXED = ("margin", "eta", "weight_decay", "clip", "ema_decay", "lr_decay_rate",
+                  "lr_decay_epochs", "warm_up_epochs", "anchor_init")
 # the trajectories compared, in table order
 SIDES = ("initial", "original", "upm_jax", "original_eigen")
 
@@ -92,6 +95,13 @@ def load_config(args, seed, synthetic_seed, root):
         raise SystemExit(f"--config {args.config}: the original graph is run with MobileNet v1 and "
                          "RMSProp; the config asks for "
                          f"{config.model.backbone} / {config.train.optimizer}")
+    from configs import base
+    fixed = base.get_base_config().train
+    changed = [f"train.{k}={config.train[k]!r} (the original's {fixed[k]!r})" for k in ORIGINAL_FIXED
+               if config.train[k] != fixed[k]]
+    if changed:
+        raise SystemExit(f"--config {args.config}: the original graph runs with its own flag values; "
+                         f"the config changes {', '.join(changed)}")
     config.seed = seed
     config.data.synthetic_seed = synthetic_seed
     config.data.root = os.path.join(root, "synthetic")
