@@ -86,11 +86,7 @@ def row_base(dtype, batch):
 
 def bench_config(backbone, head, dtype, batch, args):
     """`--config` with the benchmarked backbone, method, dtype, batch and image size."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = experiment.load_config_file(args.config)
     config.method = METHOD_OF_HEAD[head]
     config.model.backbone = backbone
     config.model.dtype = dtype

@@ -21,7 +21,6 @@ t-test. Exit status 0 unless a run fails.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -37,8 +36,6 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import compare_tf1  # the sibling tool: original names <-> TrainState
 
-# method -> the original's graph that trains its one model (tools/tf1_original.py's names)
-ORIGINAL_METHOD = {"dal": "dal", "upm_local": "upm_local", "upm_global": "upm_global"}
 # training settings the original takes from its own flag defaults (configs/base.py's values)
 ORIGINAL_FIXED = ("margin", "eta", "weight_decay", "clip", "ema_decay", "lr_decay_rate",
                   "lr_decay_epochs", "warm_up_epochs", "anchor_init")
@@ -80,14 +77,12 @@ def parse_args(argv=None):
 
 def load_config(args, seed, synthetic_seed, root):
     """The config file's ConfigDict with the run's seeds, sizes and dataset folder."""
-    path, _, arg = args.config.partition(":")
-    spec = importlib.util.spec_from_file_location("parity_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    if config.method not in ORIGINAL_METHOD:
+    from upm_jax import experiment
+
+    config = experiment.load_config_file(args.config)
+    if config.method not in compare_tf1.METHODS:
         raise SystemExit(f"--config {args.config}: method {config.method!r} trains more than one "
-                         f"model; learning parity takes one of {sorted(ORIGINAL_METHOD)}")
+                         f"model; learning parity takes one of {compare_tf1.METHODS}")
     if not (args.synthetic_ids or config.data.synthetic_ids):
         raise SystemExit(f"--config {args.config}: data.synthetic_ids is 0; this tool trains on a "
                          "generated set (give --synthetic-ids)")
@@ -162,7 +157,7 @@ def run_original(args, config, trainer, batches, out, *, onednn, init=""):
         bn_decay=config.model.bn_decay, lr=config.train.learning_rate, seed=config.seed,
         anchors="zeros")
     init_values, states, losses = compare_tf1.run_original(
-        settings, ORIGINAL_METHOD[config.method], batches, out, onednn=onednn, init=init)
+        settings, config.method, batches, out, onednn=onednn, init=init)
     return init_values, states[config.train.steps], losses
 
 
@@ -204,7 +199,7 @@ def one_run(args, seed, synthetic_seed, root):
         args, config, trainer, batches, os.path.join(workdir, "original"), onednn="1")
     seconds = {"original": time.perf_counter() - t0}
     targets, _ = compare_tf1.map_original(
-        init_values, method=ORIGINAL_METHOD[config.method], n_part=config.model.n_part,
+        init_values, method=config.method, n_part=config.model.n_part,
         tracklets=trainer.table.tracklets_per_camera,
         state_keys=compare_tf1.state_leaves(trainer.state))
     template = trainer.state

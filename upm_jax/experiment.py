@@ -52,6 +52,20 @@ def _flat_fields(config, prefix=""):
     return out
 
 
+def load_config_file(spec):
+    """The ConfigDict of "FILE[:ARG]" (a configs/ file's get_config(ARG)), as --config reads
+    it; for tools that take a config without absl's flags."""
+    import importlib.util  # noqa: PLC0415
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file (the configs are in configs/)")
+    module_spec = importlib.util.spec_from_file_location("upm_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def check_known_fields(config):
     """Refuses fields the project does not define (a typo would otherwise be ignored)."""
     from configs import base  # noqa: PLC0415  (the repository's config package)
