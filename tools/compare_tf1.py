@@ -368,9 +368,10 @@ def compare_method(args, method, tmp):
     os.makedirs(tmp, exist_ok=True)
     batches = make_batches(args)
     path = os.path.join(tmp, f"{method}_batches.npz")
-    images = batches["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    np.savez(path, image=images, track=batches["track"], camera=batches["camera"],
-             cross_on=batches["cross_on"])
+    steps, batch = batches["track"].shape  # the original's input: a frame table and the rows
+    np.savez(path, frames=batches["image"].reshape(steps * batch, *batches["image"].shape[2:]),
+             track=batches["track"].reshape(-1), camera=batches["camera"].reshape(-1),
+             index=np.arange(steps * batch).reshape(steps, batch), cross_on=batches["cross_on"])
     ref_dir = os.path.join(tmp, f"{method}_onednn1")
     init_values, ref, ref_loss = run_original(args, method, path, ref_dir, onednn="1")
     targets, skipped, ours, our_loss = run_ours(args, method, init_values, batches)

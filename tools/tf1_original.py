@@ -21,10 +21,9 @@ with the regularisation terms fetched alongside so the association loss can be t
 
 Used by ``tools/compare_tf1.py`` and ``tools/learning_parity.py`` in a subprocess (the two
 originals share module and flag names, so one process can hold only one of them). Input
-``--batches``: an .npz with cross_on bool [S] and either the batches themselves, image
-float32 [S, B, H, W, 3] and track / camera int64 [S, B] (0-based), or a frame table and the
-rows of each batch: frames uint8 [N, H, W, 3], track / camera int64 [N], index int64 [S, B]
-(the image fed is then frames / 127.5 - 1 in float32, as upm_jax's step computes it).
+``--batches``: an .npz with a frame table and the rows of each step's batch: frames uint8
+[N, H, W, 3], track / camera int64 [N] (0-based), index int64 [S, B] and cross_on bool [S];
+the image fed is frames / 127.5 - 1 in float32, as upm_jax's step computes it.
 Output in ``--out``: ``init.npz`` (every global variable before step 1, by name),
 ``step_N.npz`` after each recorded step N, ``losses.npz`` (per-step association loss,
 weight decay of the layers upm_jax has, weight decay of the unused classifier).
@@ -181,23 +180,15 @@ def _save(path, arrays):
 
 
 class Batches:
-    """Step s's (images float32 [B, H, W, 3], track, camera) from either --batches format."""
+    """Step s's (images float32 [B, H, W, 3], track, camera) from the --batches table."""
 
     def __init__(self, path):
         data = np.load(path)
-        self.cross_on = data["cross_on"]
-        if "index" in data:
-            self.frames, self.index = data["frames"], data["index"]
-            self.track, self.camera = data["track"], data["camera"]
-            self.shape = self.index.shape + self.frames.shape[1:2]
-        else:
-            self.image, self.track, self.camera = data["image"], data["track"], data["camera"]
-            self.index = None
-            self.shape = self.image.shape[:3]
+        self.frames, self.index, self.cross_on = data["frames"], data["index"], data["cross_on"]
+        self.track, self.camera = data["track"], data["camera"]
+        self.shape = self.index.shape + self.frames.shape[1:2]
 
     def __getitem__(self, s):
-        if self.index is None:
-            return self.image[s], self.track[s], self.camera[s]
         rows = self.index[s]
         image = self.frames[rows].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         return image, self.track[rows], self.camera[rows]
