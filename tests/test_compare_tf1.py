@@ -4,7 +4,7 @@ Runs the harness in-process (the original in its subprocesses) at a tiny size: M
 v1 x0.25, 64x32 frames, batch 8, 4 + 3 tracklets, one step of each method. Asserts the
 harness passes and the groups that must agree to float tolerance after one step do: the
 loss, the EMA (read before the update, as the original), the cross anchors, the step
-counter and (GAM) the frozen relation layers.
+counter and (GAM) the frozen relation layers. Then GAM's third step alone (--restart).
 """
 import importlib.util
 import json
@@ -26,12 +26,17 @@ def _tool():
     return module
 
 
-def test_one_step_matches_the_original(tmp_path, capsys):
+def _tool_with_original():
     tool = _tool()
     if not os.path.isdir(tool.default_original()):
         # third-party code we run but may not ship: only its absence skips this comparison
         pytest.skip(f"the original TF1 code is not at {tool.default_original()}; put "
                     "../shared beside the clone or set UPM_TF1_ORIGINAL")
+    return tool
+
+
+def test_one_step_matches_the_original(tmp_path, capsys):
+    tool = _tool_with_original()
     out = tmp_path / "diffs.json"
     status = tool.main(["--steps", "1", "--batch", "8", "--image-size", "64", "--tracklets", "4,3",
                         "--json", str(out)])
@@ -53,3 +58,21 @@ def test_one_step_matches_the_original(tmp_path, capsys):
     frozen = {r["group"]: r for r in report["upm_global"]["rows"]}["frozen params"]
     assert frozen["ours"] == [0.0], frozen
     assert any("Conv2d_1c_1x1" in name for name in report["dal"]["skipped"])
+
+
+def test_a_later_step_alone_matches_the_original(tmp_path, capsys):
+    """--restart: GAM's step 3 from the original's state after 2 steps (cross-camera phase on,
+    anchors and slots no longer at their start), compared by its increments."""
+    tool = _tool_with_original()
+    out = tmp_path / "diffs.json"
+    status = tool.main(["--restart", "--steps", "3", "--method", "upm_global", "--batch", "8",
+                        "--image-size", "64", "--tracklets", "4,3", "--cross-start", "1",
+                        "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "increments (--restart)" in printed
+    rows = {r["group"]: r for r in json.loads(out.read_text())["upm_global"]["rows"]}
+    assert {r["step"] for r in rows.values()} == {3}
+    for group in ("loss", "ema"):  # the rest within the kernel gap (status 0)
+        assert rows[group]["ours"][0] <= 1e-5, rows[group]
+    assert rows["frozen params"]["ours"] == [0.0] and rows["step"]["ours"] == [0.0]

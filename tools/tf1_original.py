@@ -27,6 +27,9 @@ the image fed is frames / 127.5 - 1 in float32, as upm_jax's step computes it.
 Output in ``--out``: ``init.npz`` (every global variable before step 1, by name),
 ``step_N.npz`` after each recorded step N, ``losses.npz`` (per-step association loss,
 weight decay of the layers upm_jax has, weight decay of the unused classifier).
+With ``--restart-from DIR`` only the recorded steps N run, each from DIR's state after N - 1
+steps (``init.npz`` for N = 1), and ``losses.npz`` holds one entry per recorded step: how
+compare_tf1 takes one step anywhere along a trajectory.
 """
 import argparse
 import functools
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.045)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="", help="init.npz to load instead of the seeded init")
+    p.add_argument("--restart-from", default="",
+                   help="a folder of states (init.npz, step_N.npz): run only the --record steps, "
+                        "each from that folder's state after the step before it")
     p.add_argument("--anchors", choices=["zeros", "random"], default="zeros",
                    help="random: anchors start N(0, 1) (seeded), as if after a first pass, so the "
                         "first step's association gradient is not identically zero")
@@ -173,6 +179,15 @@ def _values(sess, variables):
     return {v.op.name: value for v, value in zip(variables, sess.run(variables))}
 
 
+def _load(sess, variables, path):
+    values = np.load(path)
+    missing = [v.op.name for v in variables if v.op.name not in values]
+    if missing:
+        raise SystemExit("%s: no value for %d variables of the graph, e.g. %s" % (path, len(missing), missing[0]))
+    for v in variables:
+        v.load(values[v.op.name], sess)
+
+
 def _save(path, arrays):
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
@@ -204,9 +219,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     tf, sess, fetches, ph, variables = build(args, int(batch), int(height))
     if args.init:
-        init = np.load(args.init)
-        for v in variables:
-            v.load(init[v.op.name], sess)
+        _load(sess, variables, args.init)
     elif args.anchors == "random":
         rng = np.random.default_rng(args.seed)
         for v in variables:
@@ -214,7 +227,10 @@ def main(argv=None):
                 v.load(rng.standard_normal(v.shape.as_list()).astype(np.float32), sess)
     _save(os.path.join(args.out, "init.npz"), _values(sess, variables))
     losses = {"association": [], "shared_decay": [], "classifier_decay": []}
-    for s in range(steps):
+    for s in ([r - 1 for r in record] if args.restart_from else range(steps)):
+        if args.restart_from:
+            _load(sess, variables, os.path.join(
+                args.restart_from, "step_%d.npz" % s if s else "init.npz"))
         image, track, camera = data[s]
         feed = {ph["images"]: image, ph["labels"]: track + 1, ph["cams"]: camera + 1,
                 ph["start_sign"]: bool(data.cross_on[s])}
