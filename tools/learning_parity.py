@@ -15,8 +15,8 @@ then extracted and evaluated by upm_jax's own code (EMA weights, split 1's test 
 
 A long trajectory cannot be held to float tolerance (see compare_tf1: rounding grows by
 order 1 within 10 steps), so what is compared is the outcome: Rank-1 and mAP per run, their
-mean and spread over seeds, and the paired difference upm_jax - original with a paired
-t-test. Exit status 0 unless a run fails.
+mean and spread over seeds, and the paired differences of upm_jax against each original and
+of the two originals against each other, with paired t-tests. Exit status 0 unless a run fails.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ ORIGINAL_FIXED = ("margin", "eta", "weight_decay", "clip", "ema_decay", "lr_deca
                   "lr_decay_epochs", "warm_up_epochs", "anchor_init")
 # the trajectories compared, in table order
 SIDES = ("initial", "original", "upm_jax", "original_eigen")
+# paired differences reported: upm_jax against each original, and the originals' own
+PAIRS = (("upm_jax", "original"), ("upm_jax", "original_eigen"), ("original_eigen", "original"))
 
 
 def parse_args(argv=None):
@@ -231,7 +233,7 @@ def one_run(args, seed, synthetic_seed, root):
 
 
 def summarize(rows):
-    """Mean and sd of each side's Rank-1 / mAP, and paired differences against the original."""
+    """Mean and sd of each side's Rank-1 / mAP, and the paired differences of PAIRS."""
     from scipy import stats
 
     sides = [s for s in SIDES if all(s in r for r in rows)]
@@ -240,11 +242,11 @@ def summarize(rows):
         values = {s: np.asarray([r[s][metric] for r in rows]) for s in sides}
         entry = {s: {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
                  for s, v in values.items()}
-        for s in ("upm_jax", "original_eigen"):
-            if s in values:
-                diff = values[s] - values["original"]
-                test = stats.ttest_rel(values[s], values["original"]) if len(diff) > 1 else None
-                entry[f"{s} - original"] = {
+        for s, ref in PAIRS:
+            if s in values and ref in values:
+                diff = values[s] - values[ref]
+                test = stats.ttest_rel(values[s], values[ref]) if len(diff) > 1 else None
+                entry[f"{s} - {ref}"] = {
                     "mean": float(diff.mean()),
                     "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
                     "p_paired_t": (None if test is None or not np.isfinite(test.pvalue)
