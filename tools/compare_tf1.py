@@ -400,58 +400,45 @@ def compare_method(args, method, tmp):
              track=batches["track"].reshape(-1), camera=batches["camera"].reshape(-1),
              index=np.arange(steps * batch).reshape(steps, batch), cross_on=batches["cross_on"])
     ref_dir = os.path.join(tmp, f"{method}_onednn1")
-    if args.restart:
-        return _compare_restarts(args, method, batches, path, ref_dir, tmp)
-    init_values, ref, ref_loss = run_original(args, method, path, ref_dir, onednn="1")
-    targets, skipped, ours, our_loss = run_ours(args, method, init_values, batches)
-    result = {"ours": {}, "ours_vs_eigen": {}, "kernels": {}, "skipped": skipped}
-    for s in args.steps:
-        result["ours"][s] = group_diffs(ours[s], ref[s], targets, our_loss[:s], ref_loss[:s])
-    if not args.no_kernel_gap:
-        _, other, other_loss = run_original(args, method, path, os.path.join(tmp, f"{method}_onednn0"),
-                                            onednn="0", init=os.path.join(ref_dir, "init.npz"))
-        for s in args.steps:
-            result["kernels"][s] = group_diffs(other[s], ref[s], targets, other_loss[:s], ref_loss[:s])
-            result["ours_vs_eigen"][s] = group_diffs(ours[s], other[s], targets, our_loss[:s],
-                                                     other_loss[:s])
-    return result
-
-
-def _compare_restarts(args, method, batches, path, ref_dir, tmp):
-    """compare_method's result for --restart: each step N alone from the oneDNN original's
-    state after N - 1 steps, compared by the increments over step N."""
-    before = sorted({s - 1 for s in args.steps} - {0})
+    record = set(args.steps) | ({s - 1 for s in args.steps} - {0} if args.restart else set())
     init_values, ref, ref_loss = run_original(args, method, path, ref_dir, onednn="1",
-                                              record=sorted(set(args.steps) | set(before)))
-    starts = {s: ref[s - 1] if s > 1 else init_values for s in args.steps}
+                                              record=record)
+    # --restart: step N starts from the oneDNN original's state after N - 1 steps
+    starts = {s: ref[s - 1] if s > 1 else init_values for s in args.steps} if args.restart else None
     targets, skipped, ours, our_loss = run_ours(args, method, init_values, batches, starts)
-
-    def increments(after, s):
-        return {name: np.asarray(after[name], np.float64) - np.asarray(starts[s][name], np.float64)
-                for name in targets}
-
-    def resolution(s):  # one float32 ulp of each element, before or after the step
-        return {name: np.spacing(np.maximum(np.abs(np.asarray(ref[s][name], np.float32)),
-                                            np.abs(np.asarray(starts[s][name], np.float32))))
-                for name in targets}
-
-    ref_loss = [ref_loss[s - 1] for s in args.steps]
-    ulps = {s: resolution(s) for s in args.steps}
-    result = {"ours": {}, "ours_vs_eigen": {}, "kernels": {}, "skipped": skipped}
-    for i, s in enumerate(args.steps):
-        result["ours"][s] = group_diffs(increments(ours[s], s), increments(ref[s], s), targets,
-                                        our_loss[i:i + 1], ref_loss[i:i + 1], ulps[s])
+    sides = {"ours": (ours, our_loss)}
     if not args.no_kernel_gap:
         _, other, other_loss = run_original(args, method, path, os.path.join(tmp, f"{method}_onednn0"),
                                             onednn="0", init=os.path.join(ref_dir, "init.npz"),
-                                            restart_from=ref_dir)
-        for i, s in enumerate(args.steps):
-            theirs = increments(other[s], s)
-            result["kernels"][s] = group_diffs(theirs, increments(ref[s], s), targets,
-                                               other_loss[i:i + 1], ref_loss[i:i + 1], ulps[s])
-            result["ours_vs_eigen"][s] = group_diffs(increments(ours[s], s), theirs, targets,
-                                                     our_loss[i:i + 1], other_loss[i:i + 1],
-                                                     ulps[s])
+                                            restart_from=ref_dir if args.restart else "")
+        sides["eigen"] = (other, other_loss)
+    if args.restart:  # every side's losses one per listed step, like ours and the Eigen run's
+        ref_loss = np.asarray([ref_loss[s - 1] for s in args.steps])
+    sides["ref"] = (ref, ref_loss)
+
+    def compared(side, i, s):
+        """(values, losses) of a side at the i-th listed step s: the state and every loss so
+        far, or with --restart the increments over step s and its loss."""
+        states, losses = sides[side]
+        if not args.restart:
+            return states[s], losses[:s]
+        return ({name: np.asarray(states[s][name], np.float64)
+                 - np.asarray(starts[s][name], np.float64) for name in targets}, losses[i:i + 1])
+
+    def resolution(s):  # --restart: one float32 ulp of each element, before or after the step
+        return {name: np.spacing(np.maximum(np.abs(np.asarray(ref[s][name], np.float32)),
+                                            np.abs(np.asarray(starts[s][name], np.float32))))
+                for name in targets} if args.restart else None
+
+    pairs = {"ours": ("ours", "ref"), "kernels": ("eigen", "ref"), "ours_vs_eigen": ("ours", "eigen")}
+    result = {key: {} for key in pairs}
+    result["skipped"] = skipped
+    for i, s in enumerate(args.steps):
+        ulps = resolution(s)
+        for key, (a, b) in pairs.items():
+            if a in sides and b in sides:
+                (va, la), (vb, lb) = compared(a, i, s), compared(b, i, s)
+                result[key][s] = group_diffs(va, vb, targets, la, lb, ulps)
     return result
 
 
