@@ -3,11 +3,11 @@ MobileNet v1 trained from scratch, features, and the before/after evaluation tab
 
     python -m upm_jax.main --config configs/demo.py --workdir /tmp/demo
 """
-from configs import base
+from upm_jax.config import apply_shortcuts, get_base_config
 
 
 def get_config(arg=None):
-    config = base.get_base_config()
+    config = get_base_config()
     config.method = "upm_local"
     config.data.layout = "prid2011"
     config.data.root = "{workdir}/synthetic_prid2011"
@@ -31,4 +31,4 @@ def get_config(arg=None):
     config.train.checkpoint_every = 200
     config.train.log_every = 50
     config.eval.initial = True
-    return base.apply_shortcuts(config, arg)
+    return apply_shortcuts(config, arg)

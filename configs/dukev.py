@@ -1,9 +1,9 @@
-"""uPMnet on DukeMTMC-VideoReID (design.md §5): SGD 4.5e-4 then 4.5e-5, 25k steps, 8 cameras."""
-from configs import base
+"""uPMnet on DukeMTMC-VideoReID: SGD 4.5e-4 then 4.5e-5, 25k steps, 8 cameras."""
+from upm_jax.config import apply_shortcuts, get_base_config
 
 
 def get_config(arg=None):
-    config = base.get_base_config()
+    config = get_base_config()
     config.data.layout = "dukev"
     config.data.root = "data/DukeMTMC-VideoReID"
     config.data.num_cameras = 8
@@ -14,4 +14,4 @@ def get_config(arg=None):
     config.train.learning_rate_2 = 4.5e-5
     config.train.warm_up_epochs = 1.0
     config.eval.frame_features = False
-    return base.apply_shortcuts(config, arg)
+    return apply_shortcuts(config, arg)

@@ -1,9 +1,9 @@
-"""DAL on MARS (design.md §5): SGD 0.01 then 0.001, 100k steps, warm-up 1 epoch, 6 cameras, 224x112."""
-from configs import base
+"""DAL on MARS: SGD 0.01 then 0.001, 100k steps, warm-up 1 epoch, 6 cameras, 224x112."""
+from upm_jax.config import apply_shortcuts, get_base_config
 
 
 def get_config(arg=None):
-    config = base.get_base_config()
+    config = get_base_config()
     config.method = "dal"
     config.data.layout = "mars"
     config.data.root = "data/MARS"
@@ -16,4 +16,4 @@ def get_config(arg=None):
     config.train.learning_rate_2 = 0.001
     config.train.warm_up_epochs = 1.0
     config.eval.frame_features = False
-    return base.apply_shortcuts(config, arg)
+    return apply_shortcuts(config, arg)

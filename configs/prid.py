@@ -1,9 +1,9 @@
-"""uPMnet on PRID2011 (design.md §5): RMSProp, 20k steps, warm-up 2 epochs, 2 cameras."""
-from configs import base
+"""uPMnet on PRID2011: RMSProp, 20k steps, warm-up 2 epochs, 2 cameras."""
+from upm_jax.config import apply_shortcuts, get_base_config
 
 
 def get_config(arg=None):
-    config = base.get_base_config()
+    config = get_base_config()
     config.data.layout = "prid2011"
     config.data.root = "data/prid_2011"
     config.data.num_cameras = 2
@@ -12,4 +12,4 @@ def get_config(arg=None):
     config.train.steps = 20000
     config.train.optimizer = "rmsprop"
     config.train.warm_up_epochs = 2.0
-    return base.apply_shortcuts(config, arg)
+    return apply_shortcuts(config, arg)

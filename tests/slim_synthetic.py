@@ -5,7 +5,6 @@ The golden listings in tests/data/ are the variable listings of the released Ima
 random but non-trivial: He-scaled conv weights, gamma in [0.5, 1.5], beta ~ N(0, 0.1), moving
 means ~ N(0, 0.1) and moving variances in [0.5, 2], so every BatchNorm really transforms.
 """
-import importlib.util
 import pathlib
 import re
 from typing import Dict, Tuple
@@ -13,7 +12,6 @@ from typing import Dict, Tuple
 import numpy as np
 
 DATA = pathlib.Path(__file__).parent / "data"
-TOOL = pathlib.Path(__file__).parent.parent / "tools" / "port_weights.py"
 LISTINGS = {"mobilenet_v1": DATA / "mobilenet_v1_1.0_224.ckpt.listing.txt",
             "resnet_v1_50": DATA / "resnet_v1_50.ckpt.listing.txt"}
 
@@ -88,11 +86,9 @@ def rel_err(a, b) -> float:
 
 
 def port_weights_cli(argv) -> int:
-    """Run ``tools/port_weights.py`` in-process with ``argv``; returns its exit status."""
-    spec = importlib.util.spec_from_file_location("port_weights_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    """Run ``python -m upm_jax.porting`` in-process with ``argv``; returns its exit status."""
+    from upm_jax.porting.__main__ import main  # noqa: PLC0415
+    return main(argv)
 
 
 def run_ported(backbone, scope, values, weights_path, images):

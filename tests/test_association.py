@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from upm_jax.association import AnchorMemory, associate, associate_with_metrics
+from upm_jax.training.association import AnchorMemory, associate, associate_with_metrics
 
 MARGIN, ETA = 0.5, 0.5
 
@@ -21,7 +21,7 @@ def _rank(dists):
 
 
 def reference_step(intra, cross, feats, track, camera, sizes, cross_on, margin=MARGIN, eta=ETA):
-    """Loop-per-sample transcription of design.md section 4 (float64), plus the hand-derived gradient.
+    """Loop-per-sample transcription of the association semantics (float64), plus the hand-derived gradient.
 
     Returns loss, new_intra, new_cross, grad wrt raw feats [B, P, D], n_consistent, n_fallback.
     """

@@ -1,13 +1,8 @@
-"""The benchmark tool runs end to end on a tiny setting and writes well-formed rows (speed
+"""python -m upm_jax.benchmark runs end to end on a tiny setting and writes well-formed rows (speed
 itself is measured by running the tool, never asserted here)."""
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
-
-import benchmark  # noqa: E402
+from upm_jax.benchmark import __main__ as benchmark
 
 
 def test_train_and_extract_rows(tmp_path):

@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from upm_jax.data import (DatasetError, TrainInput, batch_indices, load_dataset, load_resident,
-                          resident_batches, synthetic, test_batches)
+                          resident_batches, synthetic, ordered_batches)
 from upm_jax.data import images
 
 IMAGE_SIZE = 32  # frames of 16x8 are upsampled to 32x16
@@ -109,15 +109,15 @@ def test_train_input_replays_and_matches_across_instances(ds):
     assert np.array_equal(np.asarray(b["image"]), expected)
 
 
-def test_train_input_mesh_size_cache_and_device_order(ds):
+def test_train_input_mesh_size_and_device_order(ds):
     kw = dict(global_batch=8, image_size=IMAGE_SIZE, seed=2)
     one = TrainInput(ds.train, mesh=_mesh(1), **kw).iterate(5)
-    cached = TrainInput(ds.train, mesh=_mesh(4), cache=True, **kw).iterate(5)
+    four = TrainInput(ds.train, mesh=_mesh(4), **kw).iterate(5)
     for _ in range(3):
-        x, y = next(one), next(cached)
+        x, y = next(one), next(four)
         assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
     one.close()
-    cached.close()
+    four.close()
     # one process holds every device, so it decodes every row, whatever the mesh's order
     shuffled = Mesh(np.array(jax.devices()[:4])[[2, 0, 3, 1]], ("data",))
     reordered = TrainInput(ds.train, mesh=shuffled, **kw)
@@ -146,9 +146,9 @@ def test_resident_data_and_index_batches(ds):
     assert np.array_equal(np.asarray(res["image"])[np.asarray(idx)], host["image"])
 
 
-def test_test_batches_cover_every_frame_once(ds):
+def test_ordered_batches_cover_every_frame_once(ds):
     n = ds.test.num_frames
-    batches = list(test_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE))
+    batches = list(ordered_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE))
     assert len(batches) == -(-n // 16)
     index = np.concatenate([b["index"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
@@ -158,7 +158,7 @@ def test_test_batches_cover_every_frame_once(ds):
     assert last["image"].shape == (16, 32, 16, 3)
     assert (last["image"][~last["valid"]] == 0).all()
     assert np.array_equal(batches[0]["image"][5], images.decode_resize(ds.test.path[5], 32, 16))
-    sharded = list(test_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE,
+    sharded = list(ordered_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE,
                                 sharding=NamedSharding(_mesh(4), PartitionSpec("data"))))
     assert np.array_equal(np.concatenate([b["index"] for b in sharded]), index)
 
@@ -169,14 +169,14 @@ def test_pipeline_names_a_corrupt_frame(ds, tmp_path):
     table = ds.train.select_tracklets(np.arange(ds.train.num_tracklets) == 0)
     table = dataclasses.replace(table, path=np.array([str(bad)] * table.num_frames))
     with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
-        list(test_batches(table, batch_size=4, image_size=IMAGE_SIZE))
+        list(ordered_batches(table, batch_size=4, image_size=IMAGE_SIZE))
     with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
         next(TrainInput(table, global_batch=4, image_size=IMAGE_SIZE, seed=0,
                         mesh=_mesh(1)).iterate(0))
 
 
 def test_throughput_benchmark_reports_both_formats():
-    from upm_jax.data.benchmark import decode_resize_throughput
+    from upm_jax.benchmark.input import decode_resize_throughput
     result = decode_resize_throughput(num_images=4, min_seconds=0.01, num_threads=2)
     assert result["out_size"] == [256, 128] and result["threads"] == 2
     for fmt in ("png", "jpeg"):

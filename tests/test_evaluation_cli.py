@@ -10,7 +10,7 @@ from PIL import Image
 
 from upm_jax.evaluation import load_features, plot_cmc, plot_montage, rank_lists, save_features
 from upm_jax.evaluation.__main__ import main
-from upm_jax.evaluation.benchmark import synthetic_mars
+from upm_jax.evaluation.synthetic import synthetic_mars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,7 @@ def _small(tmp_path, name="small.npz", seed=0):
 
 def test_import_does_not_pull_in_jax_or_tensorflow():
     code = ("import sys\n"
-            "import upm_jax.evaluation, upm_jax.evaluation.__main__, upm_jax.evaluation.benchmark\n"
+            "import upm_jax.evaluation, upm_jax.evaluation.__main__, upm_jax.evaluation.summary\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'tensorflow', 'keras', 'tensorflow_datasets'))\n"
             "print(heavy)\n")

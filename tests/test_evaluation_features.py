@@ -18,7 +18,7 @@ def _frames_dict(rng, t=6, frames_per=3, p=2, d=4):
 
 
 def _reference_pool(frame_feat, frame_track, t, pooling):
-    """Per-tracklet loops of the §7 rule."""
+    """Per-tracklet loops of the pooling rule."""
     n, p, d = frame_feat.shape
     out = np.zeros((t, p * d))
     for i in range(t):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upm_jax import extract, sharding
+from upm_jax import extract, parallel
 from upm_jax.data import FrameTable
 from upm_jax.evaluation import DegenerateFeaturesWarning, load_features, montage_paths_file
 
@@ -45,7 +45,7 @@ def _extract(tmp_path, same_images):
     dataset = _dataset(tmp_path, same_images)
     model = MeanColour()
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)))
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     path = str(tmp_path / "features.npz")
     extract.write_frame_features(model, variables, dataset, path, mesh=mesh,
                                  batch_size=mesh.size, image_size=32, pooling="max")

@@ -205,7 +205,7 @@ def test_paper_config_without_weights_explains_conversion(tmp_path, capsys):
     rc = cli(f"--config={os.path.join(REPO, 'configs', 'prid.py')}",
              f"--workdir={tmp_path / 'w'}", "--config.data.root=" + str(tmp_path))
     assert rc == 2
-    assert "tools/port_weights.py" in capsys.readouterr().err
+    assert "python -m upm_jax.porting" in capsys.readouterr().err
 
 
 def test_exit_status_contract_of_the_real_command(tmp_path):

@@ -92,7 +92,7 @@ def test_dal_pooling():
 
 
 def _gam_reference(fmap, logits, stats, n_part, train, eps=1e-3):
-    """The GAM of design.md section 5 in float64 NumPy, from the head's own parameters."""
+    """The GAM as the original code builds it, in float64 NumPy, from the head's own parameters."""
     fmap = np.asarray(fmap, np.float64)
     b, h = fmap.shape[:2]
     rows = h // n_part
@@ -221,7 +221,8 @@ def test_initialisers_follow_slim():
     (dict(n_part=2.5), "n_part must be a positive integer"),
     (dict(depth_multiplier=0), "depth_multiplier must be > 0"),
     (dict(backbone="resnet_v1_50", depth_multiplier=0.5), "has no depth multiplier"),
-    (dict(dtype=jnp.int32), "dtype must be one of"),
+    (dict(dtype=jnp.int32), "dtype must be float32 or bfloat16"),
+    (dict(dtype=jnp.float16), "dtype must be float32 or bfloat16"),
 ])
 def test_build_model_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

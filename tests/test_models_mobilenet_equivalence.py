@@ -1,7 +1,7 @@
 """MobileNet v1 equivalence with independent references on a synthetic V2 checkpoint.
 
 The checkpoint has exactly the real file's names, shapes and format (TF ``SaveV2`` bundle,
-EMA and RMSProp slots included). Our side: TF-free reader -> tools/port_weights.py ->
+EMA and RMSProp slots included). Our side: TF-free reader -> python -m upm_jax.porting ->
 load_pretrained, plus the moving statistics set directly from the same values.
 
 References, with the same values (moving statistics included, inference-mode BN):

@@ -1,7 +1,7 @@
 """ResNet-50 v1 equivalence with tf_slim's resnet_v1_50 on a synthetic V1 checkpoint.
 
 The checkpoint has exactly the real file's names, shapes and format (TF legacy ``Save``,
-V1 TensorSlice). Our side: TF-free reader -> tools/port_weights.py -> load_pretrained, plus
+V1 TensorSlice). Our side: TF-free reader -> python -m upm_jax.porting -> load_pretrained, plus
 the moving statistics set directly from the same values. Reference side: tf_slim's
 ``resnet_v1_50`` (graph mode, is_training=False, global_pool=True) restored from the same file
 by TF's own Saver. Metric: relative error max|ours - ref| / max|ref| per endpoint.

@@ -15,8 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from upm_jax import distributed
-from upm_jax import sharding
+from upm_jax import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -148,33 +147,33 @@ def test_two_processes_equal_one_process_with_two_devices(runs):
 
 
 def test_launcher_detection():
-    assert distributed.detect_launcher({}) is None
-    assert distributed.detect_launcher({"JAX_NUM_PROCESSES": "2"}) == "jax"
-    assert distributed.detect_launcher({"SLURM_STEP_NUM_TASKS": "1"}) is None
-    assert distributed.detect_launcher({"SLURM_STEP_NUM_TASKS": "4"}) == "slurm"
-    assert distributed.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "openmpi"
-    assert distributed.detect_launcher({"TPU_WORKER_HOSTNAMES": "t0"}) is None
-    assert distributed.detect_launcher({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == "tpu"
+    assert parallel.detect_launcher({}) is None
+    assert parallel.detect_launcher({"JAX_NUM_PROCESSES": "2"}) == "jax"
+    assert parallel.detect_launcher({"SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert parallel.detect_launcher({"SLURM_STEP_NUM_TASKS": "4"}) == "slurm"
+    assert parallel.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "openmpi"
+    assert parallel.detect_launcher({"TPU_WORKER_HOSTNAMES": "t0"}) is None
+    assert parallel.detect_launcher({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == "tpu"
 
 
 def test_jax_variables_are_passed_explicitly_and_checked():
     env = {"JAX_COORDINATOR_ADDRESS": "node001:1234", "JAX_NUM_PROCESSES": "4",
            "JAX_PROCESS_ID": "3"}
-    assert distributed.jax_arguments(env) == {
+    assert parallel.jax_arguments(env) == {
         "coordinator_address": "node001:1234", "num_processes": 4, "process_id": 3}
-    with pytest.raises(distributed.DistributedError,
+    with pytest.raises(parallel.DistributedError,
                        match="JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID not set"):
-        distributed.jax_arguments({"JAX_NUM_PROCESSES": "2"})
-    with pytest.raises(distributed.DistributedError, match="JAX_PROCESS_ID='one'"):
-        distributed.jax_arguments(dict(env, JAX_PROCESS_ID="one"))
-    with pytest.raises(distributed.DistributedError, match="JAX_PROCESS_ID=4 with JAX_NUM_"):
-        distributed.jax_arguments(dict(env, JAX_PROCESS_ID="4"))
-    with pytest.raises(distributed.DistributedError, match="expected host:port"):
-        distributed.jax_arguments(dict(env, JAX_COORDINATOR_ADDRESS="node001"))
-    with pytest.raises(distributed.DistributedError, match="--distributed=yes but no multi"):
-        distributed.initialize("yes", environ={})
-    assert distributed.initialize("auto", environ={}) is False
-    assert distributed.initialize("no", environ=env) is False
+        parallel.jax_arguments({"JAX_NUM_PROCESSES": "2"})
+    with pytest.raises(parallel.DistributedError, match="JAX_PROCESS_ID='one'"):
+        parallel.jax_arguments(dict(env, JAX_PROCESS_ID="one"))
+    with pytest.raises(parallel.DistributedError, match="JAX_PROCESS_ID=4 with JAX_NUM_"):
+        parallel.jax_arguments(dict(env, JAX_PROCESS_ID="4"))
+    with pytest.raises(parallel.DistributedError, match="expected host:port"):
+        parallel.jax_arguments(dict(env, JAX_COORDINATOR_ADDRESS="node001"))
+    with pytest.raises(parallel.DistributedError, match="--distributed=yes but no multi"):
+        parallel.initialize("yes", environ={})
+    assert parallel.initialize("auto", environ={}) is False
+    assert parallel.initialize("no", environ=env) is False
 
 
 def test_initialize_passes_the_jax_variables(monkeypatch):
@@ -183,29 +182,29 @@ def test_initialize_passes_the_jax_variables(monkeypatch):
     address = f"127.0.0.1:{_free_port()}"
     env = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
            "SLURM_STEP_NUM_TASKS": "2"}
-    assert distributed.initialize("auto", environ=env, timeout_s=7) is True
+    assert parallel.initialize("auto", environ=env, timeout_s=7) is True
     assert calls == [{"coordinator_address": address, "num_processes": 2, "process_id": 0,
                       "cluster_detection_method": "deactivate", "initialization_timeout": 7}]
     assert jax.config.jax_cpu_collectives_implementation == "gloo"
     calls.clear()
-    assert distributed.initialize("auto", environ={"OMPI_COMM_WORLD_SIZE": "2"}) is True
+    assert parallel.initialize("auto", environ={"OMPI_COMM_WORLD_SIZE": "2"}) is True
     assert calls == [{"initialization_timeout": 300}]  # JAX detects Open MPI itself
 
 
 def test_unreachable_or_busy_coordinator_is_a_clear_error():
     port = _free_port()
-    with pytest.raises(distributed.DistributedError,
+    with pytest.raises(parallel.DistributedError,
                        match=f"no coordinator at JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} after"):
-        distributed.check_coordinator({"coordinator_address": f"127.0.0.1:{port}",
+        parallel.check_coordinator({"coordinator_address": f"127.0.0.1:{port}",
                                        "process_id": 1}, timeout_s=0.5)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        distributed.check_coordinator({"coordinator_address": f"127.0.0.1:{taken}",
+        parallel.check_coordinator({"coordinator_address": f"127.0.0.1:{taken}",
                                        "process_id": 1}, timeout_s=0.5)  # reachable: fine
-        with pytest.raises(distributed.DistributedError, match=f"cannot listen on port {taken}"):
-            distributed.check_coordinator({"coordinator_address": f"127.0.0.1:{taken}",
+        with pytest.raises(parallel.DistributedError, match=f"cannot listen on port {taken}"):
+            parallel.check_coordinator({"coordinator_address": f"127.0.0.1:{taken}",
                                            "process_id": 0}, timeout_s=0.5)
 
 
@@ -220,15 +219,15 @@ def test_cli_names_the_missing_variable():
 
 def test_process_rows_come_from_the_sharding():
     # a process whose devices hold rows 0-1 and 4-5 of 8 (not neighbours on the mesh)
-    assert sharding.rows_held([slice(0, 2), slice(4, 6)], 8).tolist() == [0, 1, 4, 5]
-    assert sharding.rows_held([slice(None)], 3).tolist() == [0, 1, 2]  # replicated
+    assert parallel.rows_held([slice(0, 2), slice(4, 6)], 8).tolist() == [0, 1, 4, 5]
+    assert parallel.rows_held([slice(None)], 3).tolist() == [0, 1, 2]  # replicated
     devices = np.array(jax.devices()[:4])[[3, 1, 0, 2]]
     mesh = jax.sharding.Mesh(devices, ("data",))
-    batch = sharding.batch_sharding(mesh)
-    assert sharding.process_rows(batch, 8).tolist() == list(range(8))  # one process: all
-    x = sharding.from_process_rows(batch, np.arange(8) * 10, 8)
+    batch = parallel.batch_sharding(mesh)
+    assert parallel.process_rows(batch, 8).tolist() == list(range(8))  # one process: all
+    x = parallel.from_process_rows(batch, np.arange(8) * 10, 8)
     held = {d: np.asarray(s.data).tolist() for d, s in
             ((s.device, s) for s in x.addressable_shards)}
     assert held[devices[0]] == [0, 10] and held[devices[3]] == [60, 70]
     with pytest.raises(ValueError, match="holds 8 of the 8 rows"):
-        sharding.from_process_rows(batch, np.arange(4), 8)
+        parallel.from_process_rows(batch, np.arange(4), 8)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from upm_jax import optim
+from upm_jax.training import optim
 from upm_jax.models import build_model
 
 GRADS = [np.array([0.5, -1.0, 3.0]), np.array([0.2, 0.3, -4.0]), np.array([-0.7, 0.0, 1.0])]

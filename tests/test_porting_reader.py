@@ -153,7 +153,7 @@ def test_uncovered_names_are_all_listed():
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     missing = str(tmp_path / "missing.ckpt")
-    assert syn.port_weights_cli(["--from", "slim", missing, "--out", str(tmp_path / "o.npz")]) == 1
+    assert syn.port_weights_cli(["--from", "slim", missing, "--out", str(tmp_path / "o.npz")]) == 2
     assert f"error: no TF checkpoint at '{missing}'" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
 

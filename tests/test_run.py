@@ -15,20 +15,21 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.io
 
-from configs import demo
-from upm_jax import checkpoint as checkpoint_lib
+from repo_configs import get_config
+from upm_jax import checkpoints as checkpoints_lib
+from upm_jax import config as config_lib
 from upm_jax import evaluation
-from upm_jax import experiment
-from upm_jax import inference
+from upm_jax import extract
+from upm_jax import parallel
 from upm_jax import run
-from upm_jax import sharding
-from upm_jax import test_set as test_set_lib
-from upm_jax import train_loop
 from upm_jax import workdir as workdir_lib
+from upm_jax.data import eval_set as eval_set_lib
+from upm_jax.training import trainer as trainer_lib
+from upm_jax.workdir import Workdir
 
 
 def tiny_config(**overrides):
-    config = demo.get_config()
+    config = get_config("demo")
     config.data.synthetic_ids = 8
     config.data.image_size = 64
     config.train.batch_size = 16
@@ -109,7 +110,7 @@ def test_mat_export_matches_the_features_file(upm_two_splits):
 
 def test_pooled_feature_files_evaluate_like_frame_files(copy_of_trained):
     workdir = copy_of_trained
-    config = workdir_lib.read_record(workdir)
+    config = Workdir(workdir).read_record()
     config.eval.frame_features = False   # an eval field: the record allows it
     results = run.run(config, workdir, mode="evaluate")
     pooled = evaluation.load_features(os.path.join(workdir, "split_1", "features.npz"))
@@ -148,12 +149,12 @@ def test_a_changed_model_field_is_refused_and_the_record_kept(copy_of_trained, f
 def test_overwritten_record_with_another_model_is_a_clear_checkpoint_error(copy_of_trained):
     workdir = copy_of_trained
     config = tiny_config(model__depth_multiplier=0.5, train__steps=4)
-    with pytest.raises(checkpoint_lib.CheckpointError,
+    with pytest.raises(checkpoints_lib.CheckpointError,
                        match=r"written by a different model(.|\n)*in the checkpoint"):
         run.run(config, workdir, mode="train", overwrite=True)
-    with pytest.raises(checkpoint_lib.CheckpointError, match="different model"):
-        inference.restore_inference(config, os.path.join(workdir, "split_1", "lam"),
-                                    sharding.make_mesh())
+    with pytest.raises(checkpoints_lib.CheckpointError, match="different model"):
+        extract.restore_inference(config, Workdir(workdir).split(1).models(config.method)[0],
+                                  parallel.make_mesh())
 
 
 def test_resume_with_more_steps_continues_from_the_checkpoint(copy_of_trained, capsys):
@@ -170,7 +171,7 @@ def test_a_finished_model_is_skipped_before_anything_is_built(copy_of_trained, m
     def no_trainer(*args, **kwargs):
         raise AssertionError("a trainer was built for a finished model")
 
-    monkeypatch.setattr(train_loop.trainer_lib, "make_trainer", no_trainer)
+    monkeypatch.setattr(trainer_lib, "make_trainer", no_trainer)
     run.run(None, copy_of_trained, mode="train")
     assert "already trained (2 steps" in capsys.readouterr().err
 
@@ -178,7 +179,8 @@ def test_a_finished_model_is_skipped_before_anything_is_built(copy_of_trained, m
 def test_extract_and_evaluate_need_only_the_workdir_and_test_frames(trained, copy_of_trained):
     workdir = copy_of_trained
     split_dir = os.path.join(workdir, "split_1")
-    recorded = test_set_lib.read(split_dir, os.path.join(workdir, "synthetic_prid2011"))
+    recorded = eval_set_lib.read(Workdir(workdir).split(1).eval_set,
+                                 os.path.join(workdir, "synthetic_prid2011"))
     keep = {os.path.realpath(p) for p in recorded.test.path}
     removed = 0
     for folder, _, files in os.walk(os.path.join(workdir, "synthetic_prid2011")):
@@ -205,15 +207,15 @@ def test_evaluate_refuses_a_features_file_of_another_part_count(copy_of_trained)
     arrays["frame_feat"] = np.concatenate([arrays["frame_feat"]] * 3, axis=1)[:, :3]  # P=3
     evaluation.save_features(path, **arrays)
     before = open(os.path.join(workdir, "results.json"), "rb").read()
-    with pytest.raises(experiment.ConfigError, match=r"features\.npz holds features of 3 parts"
-                                                     r".*config\.model\.n_part=2"):
+    with pytest.raises(evaluation.FeaturesError, match=r"features\.npz holds features of 3 "
+                                                       r"parts, but the run's config has 2"):
         run.run(None, workdir, mode="evaluate")
     assert open(os.path.join(workdir, "results.json"), "rb").read() == before
 
 
 def test_a_second_run_in_a_locked_workdir_is_refused(copy_of_trained):
     workdir = copy_of_trained
-    with workdir_lib.WorkdirLock(workdir):
+    with Workdir(workdir).lock():
         with pytest.raises(workdir_lib.WorkdirError,
                            match=rf"in use by another run \(pid {os.getpid()} on host "
                                  rf"{re.escape(socket.gethostname())}"):
@@ -222,11 +224,11 @@ def test_a_second_run_in_a_locked_workdir_is_refused(copy_of_trained):
 
 def test_a_stale_lock_is_taken_over(copy_of_trained, capsys):
     workdir = copy_of_trained
-    with open(os.path.join(workdir, workdir_lib.LOCK), "w") as f:
+    with open(Workdir(workdir).lock_file, "w") as f:
         json.dump({"pid": 999999999, "host": "gone", "since": "yesterday"}, f)
     run.run(None, workdir, mode="evaluate")
     assert "taking over the lock" in capsys.readouterr().err
-    assert "pid 999999999 on host gone" not in open(os.path.join(workdir, workdir_lib.LOCK)).read()
+    assert "pid 999999999 on host gone" not in open(Workdir(workdir).lock_file).read()
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_error_keeping_the_old_one(copy_of_trained,
@@ -240,7 +242,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_keeping_the_old_one(copy_of_tr
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-    with pytest.raises(checkpoint_lib.CheckpointError,
+    with pytest.raises(checkpoints_lib.CheckpointError,
                        match=r"checkpoint of step 4 .*No space left on device; the checkpoint "
                              r"of step 2 is intact"):
         run.run(tiny_config(train__steps=4), workdir, mode="train", overwrite=True)
@@ -252,7 +254,7 @@ def test_diverging_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path)
     """A learning rate of 1e30 blows the weights up after the first update: the run must
     stop naming the first diverged step, having saved nothing at or after it."""
     config = tiny_config(train__steps=6, train__checkpoint_every=1, train__learning_rate=1e30)
-    with pytest.raises(train_loop.TrainingDiverged, match=r"at step (\d+)") as info:
+    with pytest.raises(trainer_lib.TrainingDiverged, match=r"at step (\d+)") as info:
         run.run(config, str(tmp_path), mode="train")
     bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     assert bad_step >= 2
@@ -266,18 +268,18 @@ def test_a_finite_explosion_of_the_loss_stops_the_run(tmp_path):
     """lr 1e12 makes the loss huge but finite: the running-median guard stops it before
     the first checkpoint, and says that no checkpoint exists."""
     config = tiny_config(train__steps=6, train__checkpoint_every=6, train__learning_rate=1e12)
-    with pytest.raises(train_loop.TrainingDiverged,
+    with pytest.raises(trainer_lib.TrainingDiverged,
                        match=r"times its running median(.|\n)*no checkpoint was written"):
         run.run(config, str(tmp_path), mode="train")
     assert not os.listdir(tmp_path / "split_1" / "lam" / "checkpoints")
 
 
 def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
-    checkpoints = checkpoint_lib.Checkpoints(str(tmp_path))
-    guard = train_loop.DivergenceGuard(100.0, checkpoints)
+    checkpoints = checkpoints_lib.Checkpoints(str(tmp_path / "checkpoints"))
+    guard = trainer_lib.DivergenceGuard(100.0, checkpoints)
     guard.check_params(types.SimpleNamespace(params={"w": jnp.ones(3)}), 1)
     bad = types.SimpleNamespace(params={"w": jnp.array([1.0, np.inf]), "b": jnp.zeros(2)})
-    with pytest.raises(train_loop.TrainingDiverged,
+    with pytest.raises(trainer_lib.TrainingDiverged,
                        match="weights are not finite after step 7; stopping, no checkpoint"):
         guard.check_params(bad, 7)
     checkpoints.close()
@@ -292,21 +294,21 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
     ("eval__batch_size", -8, "config.eval.batch_size=-8: expected 0 (chosen per backend)"),
 ])
 def test_impossible_values_fail_before_any_work(tmp_path, field, value, message):
-    with pytest.raises(experiment.ConfigError, match=re.escape(message)):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         run.run(tiny_config(**{field: value}), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
 
 
 def test_extraction_batch_is_the_config_value_or_one_frame_per_cpu_device():
-    mesh = sharding.make_mesh()
-    assert experiment.extraction_batch(tiny_config(eval__batch_size=0), mesh) == mesh.size == 8
-    assert experiment.extraction_batch(tiny_config(eval__batch_size=64), mesh) == 64
+    mesh = parallel.make_mesh()
+    assert extract.extraction_batch(tiny_config(eval__batch_size=0), mesh) == mesh.size == 8
+    assert extract.extraction_batch(tiny_config(eval__batch_size=64), mesh) == 64
 
 
 def test_an_unknown_config_field_is_named_with_a_suggestion(tmp_path):
     config = tiny_config()
     config.train.learning_rat = 0.1
-    with pytest.raises(experiment.ConfigError,
+    with pytest.raises(config_lib.ConfigError,
                        match=r"config\.train\.learning_rat \(did you mean "
                              r"config\.train\.learning_rate\?\)"):
         run.run(config, str(tmp_path))

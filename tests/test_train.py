@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from upm_jax import optim, sharding, train
-from upm_jax.association import AnchorMemory
+from upm_jax import parallel
+from upm_jax.training import optim
+from upm_jax.training import state as state_lib
+from upm_jax.training import step as step_lib
+from upm_jax.training.association import AnchorMemory
 from upm_jax.models import build_model
 
 SIZES = (5, 4, 3)  # tracklets per camera
@@ -77,9 +80,9 @@ def _setup(mesh, model=None, image=IMAGE, optimizer="rmsprop", cross_start_step=
     dims = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image, 3))))
     feat = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, *image, 3))), dims)
     memory = AnchorMemory.zeros(SIZES, feat.shape[1], feat.shape[2])
-    state = train.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx,
+    state = state_lib.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx,
                                      memory=memory, mesh=mesh)
-    step_fn = train.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=cross_start_step,
+    step_fn = step_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=cross_start_step,
                                     frozen_scopes=model.frozen_scopes)
     return state, step_fn
 
@@ -92,7 +95,7 @@ def _run_host(mesh, batches, **kw):
     state, step_fn = _setup(mesh, **kw)
     metrics = []
     for b in batches:
-        state, m = step_fn(state, sharding.global_batch(b, mesh))
+        state, m = step_fn(state, parallel.global_batch(b, mesh))
         metrics.append({k: float(v) for k, v in m.items()})
     return _host(state), metrics
 
@@ -145,20 +148,20 @@ def _assert_within_noise(got, want, noise_run, *, floor=1e-6):
 
 @pytest.fixture(scope="module")
 def eight_device_run(case):
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     assert mesh.devices.size == 8
     return _run_host(mesh, _case_batches(case), model=case["model"], image=case["image"])
 
 
 @pytest.fixture(scope="module")
 def reversed_run(case):
-    return _run_host(sharding.make_mesh(), _case_batches(case, reverse=True),
+    return _run_host(parallel.make_mesh(), _case_batches(case, reverse=True),
                      model=case["model"], image=case["image"])
 
 
 def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
     state8, metrics8 = eight_device_run
-    state1, metrics1 = _run_host(sharding.make_mesh(jax.devices()[:1]), _case_batches(case),
+    state1, metrics1 = _run_host(parallel.make_mesh(jax.devices()[:1]), _case_batches(case),
                                  model=case["model"], image=case["image"])
     _assert_within_noise(state1, state8, reversed_run[0])
     for m8, m1, mr in zip(metrics8, metrics1, reversed_run[1]):
@@ -176,16 +179,16 @@ def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
 def test_resident_form_equals_host_form(case, reversed_run):
     """Frames gathered on device by index (reversed within each batch) give the host run on
     the reversed batches, to float32 rounding."""
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     batches = _case_batches(case)
     batch = case["batch"]
     # a resident dataset holding the same frames: batch b is rows batch*b .. batch*(b+1)-1
     dataset = {k: jnp.asarray(np.concatenate([b[k] for b in batches])) for k in ("image", "track", "camera")}
-    dataset = sharding.replicate(dataset, mesh)
+    dataset = parallel.replicate(dataset, mesh)
     state, step_fn = _setup(mesh, model=case["model"], image=case["image"])
     for i in range(case["steps"]):
         index = np.arange(batch * i, batch * (i + 1), dtype=np.int32)[::-1].copy()
-        state, _ = step_fn(state, sharding.global_batch({"index": index}, mesh), dataset)
+        state, _ = step_fn(state, parallel.global_batch({"index": index}, mesh), dataset)
     state = _host(state)
     for group in GROUPS:
         assert _gap(getattr(state, group), getattr(reversed_run[0], group)) <= 1e-6, group
@@ -197,7 +200,7 @@ def _flat(tree):
 
 def test_frozen_params_and_their_batch_stats_never_change(case, eight_device_run):
     model = case["model"]
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     initial, _ = _setup(mesh, model=model, image=case["image"])
     initial = _host(initial)
     final, _ = eight_device_run
@@ -219,15 +222,15 @@ def test_frozen_params_and_their_batch_stats_never_change(case, eight_device_run
 
 
 def test_ema_follows_tf_step_dependent_decay():
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     state, step_fn = _setup(mesh)
     p0 = _host(state.params)
-    state, _ = step_fn(state, sharding.global_batch(_batches(1)[0], mesh))
+    state, _ = step_fn(state, parallel.global_batch(_batches(1)[0], mesh))
     p1, ema1 = _host(state.params), _host(state.ema_params)
     # the EMA reads the params before the step's update (as the original graph): the shadow
     # starts at p0 and moves towards p0, so it stays p0 after the first step
     _assert_trees_close(ema1, p0, rtol=1e-6, atol=0)
-    state, _ = step_fn(state, sharding.global_batch(_batches(2)[1], mesh))
+    state, _ = step_fn(state, parallel.global_batch(_batches(2)[1], mesh))
     ema2 = _host(state.ema_params)
     d = 2 / 11  # t = 1: decay = min(.9999, 2/11), towards p1 (the params before step 2)
     _assert_trees_close(ema2, jax.tree.map(lambda e, b: d * e + (1 - d) * b, ema1, p1), rtol=1e-5, atol=1e-7)
@@ -238,7 +241,7 @@ def test_ema_follows_tf_step_dependent_decay():
 
 
 def test_metrics_report_lr_and_weight_decay():
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     state, step_fn = _setup(mesh, optimizer="sgd")
     params = _host(state.params)
     expected_wd = 4e-5 / 2 * sum(float(np.sum(params["backbone"][n]["kernel"] ** 2))
@@ -246,7 +249,7 @@ def test_metrics_report_lr_and_weight_decay():
     expected_wd += 4e-5 / 2 * float(np.sum(_host(state.frozen_params)["head"]["Logits"]["reduce"]["kernel"] ** 2))
     lrs = []
     for b in _batches(5):
-        state, m = step_fn(state, sharding.global_batch(b, mesh))
+        state, m = step_fn(state, parallel.global_batch(b, mesh))
         if not lrs:
             np.testing.assert_allclose(float(m["weight_decay"]), expected_wd, rtol=1e-5)
             np.testing.assert_allclose(float(m["loss"]), float(m["association_loss"] + m["weight_decay"]),
@@ -257,11 +260,11 @@ def test_metrics_report_lr_and_weight_decay():
 
 
 def test_state_is_donated_and_bad_batches_are_rejected():
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     state, step_fn = _setup(mesh)
     batch = _batches(1)[0]
     old_leaf = state.params["backbone"]["Conv2d_0"]["kernel"]
-    state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+    state, _ = step_fn(state, parallel.global_batch(batch, mesh))
     assert old_leaf.is_deleted()
     with pytest.raises(ValueError, match=r"batch lacks \['camera'\]"):
         step_fn(state, {"image": batch["image"], "track": batch["track"]})
@@ -271,13 +274,13 @@ def test_state_is_donated_and_bad_batches_are_rejected():
         step_fn(state, {k: v[:12] for k, v in batch.items()})
     with pytest.raises(ValueError, match="frozen_scopes"):
         tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.01, steps_per_epoch=1.0, total_steps=2)
-        train.make_train_step(TinyModel(), tx, schedule, mesh=mesh, cross_start_step=0,
-                              frozen_scopes=())(state, sharding.global_batch(batch, mesh))
+        step_lib.make_train_step(TinyModel(), tx, schedule, mesh=mesh, cross_start_step=0,
+                              frozen_scopes=())(state, parallel.global_batch(batch, mesh))
 
 
 @pytest.mark.parametrize("head", ["local", "global"])
 def test_real_mobilenet_steps(head):
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     model = build_model("mobilenet_v1", head, depth_multiplier=0.25, n_part=2)
     image = (64, 32)
     state, step_fn = _setup(mesh, model=model, image=image, cross_start_step=0)
@@ -285,7 +288,7 @@ def test_real_mobilenet_steps(head):
     stats0 = _host(state.batch_stats)
     assert state.memory.intra.shape == (2, sum(SIZES), model.feature_dim)
     for b in _batches(2, batch=8, image=image):
-        state, metrics = step_fn(state, sharding.global_batch(b, mesh))
+        state, metrics = step_fn(state, parallel.global_batch(b, mesh))
         assert all(np.isfinite(float(v)) for v in metrics.values())
     final = _host(state)
     if head == "global":
@@ -299,7 +302,7 @@ def test_real_mobilenet_steps(head):
 def test_create_train_state_loads_pretrained_backbone(tmp_path):
     from upm_jax.porting.weights_file import save_weights
 
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     model = build_model("mobilenet_v1", "global", depth_multiplier=0.25, n_part=2)
     image = (64, 32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image, 3))))
@@ -309,7 +312,7 @@ def test_create_train_state_loads_pretrained_backbone(tmp_path):
     save_weights(path, {"backbone/" + k: v for k, v in flat.items()}, backbone="mobilenet_v1", source="test")
     tx, _ = optim.make_optimizer("rmsprop", learning_rate=0.045, steps_per_epoch=1.0, total_steps=2)
     memory = AnchorMemory.zeros(SIZES, 2, model.feature_dim)
-    state = train.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx, memory=memory,
+    state = state_lib.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx, memory=memory,
                                      mesh=mesh, pretrained=path)
     for tree in (state.params, state.ema_params):
         got = {"/".join(str(k.key) for k in p): np.asarray(v)
@@ -324,21 +327,21 @@ def test_create_train_state_loads_pretrained_backbone(tmp_path):
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
     # the same variables for the untrained network's features: replicated, usable by a jit
     # over all 8 devices (this once failed with "incompatible devices")
-    variables = train.init_variables(model, jax.random.PRNGKey(1), image_shape=image, mesh=mesh,
+    variables = state_lib.init_variables(model, jax.random.PRNGKey(1), image_shape=image, mesh=mesh,
                                      pretrained=path)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(variables))
     from upm_jax import extract as extract_lib
-    images = sharding.global_batch({"x": np.zeros((8, *image, 3), np.uint8)}, mesh)["x"]
+    images = parallel.global_batch({"x": np.zeros((8, *image, 3), np.uint8)}, mesh)["x"]
     feats = extract_lib.make_feature_fn(model, mesh)(variables, images)
     assert feats.shape == (8, 2, model.feature_dim)
 
 
 def test_trainer_factory_uses_the_config_hyper_parameters():
-    from configs import demo
-    from upm_jax import trainer as trainer_lib
+    from repo_configs import get_config
+    from upm_jax.training import trainer as trainer_lib
     from upm_jax.data import FrameTable
 
-    config = demo.get_config()
+    config = get_config("demo")
     config.data.image_size = 64
     config.train.batch_size = 8
     config.train.learning_rate = 0.07
@@ -349,7 +352,7 @@ def test_trainer_factory_uses_the_config_hyper_parameters():
                        tracklet_camera=np.asarray([0, 0, 1, 1, 1], np.int32),
                        tracklet_pid=np.arange(1, 6, dtype=np.int32),
                        tracklet_index=np.asarray([0, 1, 0, 1, 2], np.int32), num_cameras=2)
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     trainer = trainer_lib.make_trainer(config, "local", table, mesh, load_weights=False)
     assert trainer.cross_start == (40 // 8) * 3
     assert float(trainer.schedule(0)) == pytest.approx(0.07)

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo
-from upm_jax import checkpoint as checkpoint_lib
+from repo_configs import get_config
+from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import data as data_lib
+from upm_jax import methods
 from upm_jax import models
-from upm_jax import experiment
-from upm_jax import sharding
-from upm_jax import train as train_lib
-from upm_jax import trainer as trainer_lib
+from upm_jax import parallel
 from upm_jax import visualize
+from upm_jax.training import state as state_lib
+from upm_jax.training import trainer as trainer_lib
+from upm_jax.workdir import Workdir
 from upm_jax.data import synthetic
 
 
@@ -215,9 +216,9 @@ def test_row_labels_are_the_paths_below_the_frames_common_folder():
 @pytest.fixture(scope="module")
 def upm_workdir(tmp_path_factory):
     """A method-`upm` workdir (config.json, split_1/{lam,gam}/checkpoints) whose EMA weights
-    differ from the trained ones, saved with upm_jax.checkpoint (no training steps)."""
+    differ from the trained ones, saved with upm_jax.checkpoints (no training steps)."""
     workdir = str(tmp_path_factory.mktemp("upm"))
-    config = demo.get_config()
+    config = get_config("demo")
     config.method = "upm"
     config.data.synthetic_ids = 4
     config.data.image_size = 64
@@ -231,24 +232,24 @@ def upm_workdir(tmp_path_factory):
         f.write(config.to_json())
     dataset = data_lib.load_dataset("prid2011", config.data.root,
                                     split_file=config.data.split_file)
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     frames = sorted(glob.glob(os.path.join(config.data.root, "**", "*.png"), recursive=True))
     images = visualize.load_frames(frames[:8], 64).astype(np.float32) / 127.5 - 1.0
     states = {}
-    for name, head in experiment.METHODS["upm"]:
+    for model_dir in Workdir(workdir).split(1).models("upm"):
+        name, head = model_dir.name, model_dir.head
         state = trainer_lib.make_trainer(config, head, dataset.train, mesh,
                                          load_weights=False).state
-        model = experiment.build_model(config, head)
+        model = methods.build_model(config, head)
         # Moving statistics of real frames (bn_decay 0: one pass sets them), so that the
         # maps are not the flat ones of saturated activations.
         stats = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])(
-            {"params": train_lib.merge_params(state.params, state.frozen_params),
+            {"params": state_lib.merge_params(state.params, state.frozen_params),
              "batch_stats": state.batch_stats}, images)
         state = state.replace(batch_stats=stats["batch_stats"],
                               ema_params=jax.tree.map(lambda p: p * 0.7, state.params))
-        checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, "split_1", name))
+        checkpoints = checkpoints_lib.Checkpoints(model_dir.checkpoints)
         checkpoints.save(5, state)
-        checkpoints.wait()
         checkpoints.close()
         states[name] = state
     return workdir, states, frames[:2], config
@@ -270,14 +271,14 @@ def test_cli_draws_the_gam_model_with_its_ema_weights(upm_workdir, tmp_path, cap
 
     drawn = visualize.visualize(workdir, frames, str(tmp_path / "again.png"), model_name="gam",
                                 layer="Conv2d_11_pointwise")
-    model = experiment.build_model(config, "global")
+    model = methods.build_model(config, "global")
     state = states["gam"]
     endpoint = visualize.resolve_endpoint(model, "Conv2d_11_pointwise")
     images = visualize.load_frames(frames, 64)
     cam_fn = visualize.make_grad_cam(model, endpoint)
 
     def cams_of(params):
-        return np.asarray(cam_fn({"params": train_lib.merge_params(params, state.frozen_params),
+        return np.asarray(cam_fn({"params": state_lib.merge_params(params, state.frozen_params),
                                   "batch_stats": state.batch_stats}, images))
 
     np.testing.assert_allclose(drawn["cams"], cams_of(state.ema_params), rtol=1e-5, atol=1e-6)

@@ -52,11 +52,13 @@ def train_worker(method, batch, image_size):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from upm_jax import optim, sharding
-    from upm_jax import train as train_lib
-    from upm_jax.association import AnchorMemory
+    from upm_jax import parallel
+    from upm_jax.training import optim
+    from upm_jax.training import state as state_lib
+    from upm_jax.training import step as step_lib
+    from upm_jax.training.association import AnchorMemory
 
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     model = _jax_model(method)
     height, width = image_size, image_size // 2
     feature_shape = jax.eval_shape(lambda: model.init_with_output(
@@ -64,10 +66,10 @@ def train_worker(method, batch, image_size):
     memory = AnchorMemory.zeros(TRACKLETS_PER_CAMERA, feature_shape[1], feature_shape[2])
     tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.045, steps_per_epoch=4096 / batch,
                                         total_steps=20000)
-    holder = {"state": train_lib.create_train_state(model, jax.random.PRNGKey(0),
+    holder = {"state": state_lib.create_train_state(model, jax.random.PRNGKey(0),
                                                     image_shape=(height, width), tx=tx,
                                                     memory=memory, mesh=mesh)}
-    step_fn = train_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=0,
+    step_fn = step_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=0,
                                         frozen_scopes=model.frozen_scopes)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
@@ -77,7 +79,7 @@ def train_worker(method, batch, image_size):
     def call(i):
         start = time.perf_counter()
         holder["state"], metrics = step_fn(holder["state"],
-                                           sharding.global_batch(batches[i % 4], mesh))
+                                           parallel.global_batch(batches[i % 4], mesh))
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
             raise FloatingPointError(f"training step {i}: loss {loss}")
@@ -92,9 +94,9 @@ def extract_worker(method, batch, image_size):
     import jax.numpy as jnp
     import numpy as np
     from upm_jax import extract as extract_lib
-    from upm_jax import sharding
+    from upm_jax import parallel
 
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     model = _jax_model(method)
     height, width = image_size, image_size // 2
     variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, height, width, 3)), train=False))(
@@ -102,7 +104,7 @@ def extract_worker(method, batch, image_size):
     feature_fn = extract_lib.make_feature_fn(model, mesh)
     images = jax.device_put(
         np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
-        sharding.batch_sharding(mesh))
+        parallel.batch_sharding(mesh))
 
     def call(i):
         start = time.perf_counter()
@@ -145,7 +147,7 @@ def _tf_train_cmd(args, method, extra=()):
 
 def interleave_config(args, sections):
     """The bench driver's CONFIG: workers and the (upm_jax, original) pairs to compare."""
-    env = {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env = {"JAX_PLATFORMS": "cpu"}
     tf_env = {"TF_TRAIN_DIR": os.path.join(args.work_dir, "tf_train_dir")}
     workers, pairs = {}, []
     if "train" in sections:
@@ -197,7 +199,7 @@ def run_driver(args):
         with open(out_path, encoding="utf-8") as f:
             result["interleave"] = json.load(f)
     if "rss" in sections:
-        env = {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+        env = {"JAX_PLATFORMS": "cpu"}
         tf_env = {"TF_TRAIN_DIR": os.path.join(args.work_dir, "tf_train_dir")}
         rss = {}
         for method in args.methods.split(","):
@@ -245,7 +247,6 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        sys.path.insert(0, ROOT)
         from upm_jax import host_malloc
         host_malloc.reexec_with_huge_pages()   # as the run's entry point does
         run_worker(args)

@@ -53,8 +53,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 METHODS = ("dal", "upm_local", "upm_global")
 HEADS = {"dal": "dal", "upm_local": "local", "upm_global": "global"}
@@ -354,26 +352,28 @@ def run_ours(args, method, init_values, batches, starts=None):
     each from its start, and the losses are theirs in step order."""
     import jax
 
-    from upm_jax import optim, sharding
-    from upm_jax import train as train_lib
-    from upm_jax.association import AnchorMemory
+    from upm_jax import parallel
+    from upm_jax.training import optim
+    from upm_jax.training import state as state_lib
+    from upm_jax.training import step as step_lib
+    from upm_jax.training.association import AnchorMemory
     from upm_jax.models import build_model
 
     model = build_model("mobilenet_v1", HEADS[method], n_part=args.n_part,
                         depth_multiplier=args.depth_multiplier, bn_decay=args.bn_decay)
-    mesh = sharding.make_mesh(jax.devices()[:1])
+    mesh = parallel.make_mesh(jax.devices()[:1])
     memory = AnchorMemory.zeros(args.tracklets, model.num_parts, model.feature_dim)
     tx, schedule = optim.make_optimizer("rmsprop", learning_rate=args.lr,
                                         steps_per_epoch=args.frames / args.batch,
                                         total_steps=args.steps[-1])
     h = args.image_size
-    state = train_lib.create_train_state(model, jax.random.PRNGKey(args.seed), image_shape=(h, h // 2),
+    state = state_lib.create_train_state(model, jax.random.PRNGKey(args.seed), image_shape=(h, h // 2),
                                          tx=tx, memory=memory, mesh=mesh)
     targets, skipped = map_original(init_values, method=method, n_part=args.n_part,
                                     tracklets=args.tracklets, state_keys=state_leaves(state))
     template = state
     state = load_original(template, init_values, targets)
-    step_fn = train_lib.make_train_step(model, tx, schedule, mesh=mesh,
+    step_fn = step_lib.make_train_step(model, tx, schedule, mesh=mesh,
                                         cross_start_step=args.cross_start,
                                         frozen_scopes=model.frozen_scopes)
     states, losses = {}, []
@@ -382,7 +382,7 @@ def run_ours(args, method, init_values, batches, starts=None):
             state = load_original(template, starts[s], targets)
         batch = {"image": batches["image"][s - 1], "track": batches["track"][s - 1].astype(np.int32),
                  "camera": batches["camera"][s - 1].astype(np.int32)}
-        state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+        state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
         if s in args.steps:
             states[s] = as_original(state, targets)
@@ -507,7 +507,7 @@ def main(argv=None) -> int:
             report[method] = {"seeds": args.seeds, "rows": rows,
                               "skipped": results[0]["skipped"]}
     if args.json:
-        from upm_jax.evaluation.features import atomic_write
+        from upm_jax.files import atomic_write
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1)), mode="w")
     print("\nall groups within tolerance" if ok else "\nSOME GROUPS ARE OUT OF TOLERANCE")
     return 0 if ok else 1

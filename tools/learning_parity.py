@@ -30,13 +30,11 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import compare_tf1  # the sibling tool: original names <-> TrainState
 
-# training settings the original takes from its own flag defaults (configs/base.py's values)
+# training settings the original takes from its own flag defaults (the base config's values)
 ORIGINAL_FIXED = ("margin", "eta", "weight_decay", "clip", "ema_decay", "lr_decay_rate",
                   "lr_decay_epochs", "warm_up_epochs", "anchor_init")
 # the trajectories compared, in table order
@@ -79,9 +77,9 @@ def parse_args(argv=None):
 
 def load_config(args, seed, synthetic_seed, root):
     """The config file's ConfigDict with the run's seeds, sizes and dataset folder."""
-    from upm_jax import experiment
+    from upm_jax import config as config_lib
 
-    config = experiment.load_config_file(args.config)
+    config = config_lib.load_config_file(args.config)
     if config.method not in compare_tf1.METHODS:
         raise SystemExit(f"--config {args.config}: method {config.method!r} trains more than one "
                          f"model; learning parity takes one of {compare_tf1.METHODS}")
@@ -92,8 +90,7 @@ def load_config(args, seed, synthetic_seed, root):
         raise SystemExit(f"--config {args.config}: the original graph is run with MobileNet v1 and "
                          "RMSProp; the config asks for "
                          f"{config.model.backbone} / {config.train.optimizer}")
-    from configs import base
-    fixed = base.get_base_config().train
+    fixed = config_lib.get_base_config().train
     changed = [f"train.{k}={config.train[k]!r} (the original's {fixed[k]!r})" for k in ORIGINAL_FIXED
                if config.train[k] != fixed[k]]
     if changed:
@@ -118,23 +115,25 @@ def prepare_split(config, workdir):
     """(dataset, trainer, model run) of split 1 of the config's generated set."""
     import jax
 
+    from upm_jax import config as config_lib
     from upm_jax import data as data_lib
-    from upm_jax import experiment, sharding
-    from upm_jax import trainer as trainer_lib
+    from upm_jax import parallel
     from upm_jax.data import synthetic
+    from upm_jax.training import trainer as trainer_lib
+    from upm_jax.workdir import Workdir
 
     if not os.path.isdir(config.data.root):
         synthetic.generate(config.data.layout, config.data.root, ids=config.data.synthetic_ids,
                            seed=config.data.synthetic_seed)
-    experiment.check_config(config, num_devices=1)
+    config_lib.check_config(config, num_devices=1)
     dataset = data_lib.load_dataset(config.data.layout, config.data.root, split=1,
                                     split_file=config.data.split_file, splits="1")
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    (model_run,) = experiment.model_runs(config, workdir, 1)
-    trainer = trainer_lib.make_trainer(config, model_run.head, dataset.train, mesh,
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    (model_dir,) = Workdir(workdir).split(1).models(config.method)
+    trainer = trainer_lib.make_trainer(config, model_dir.head, dataset.train, mesh,
                                        load_weights=False)
     trainer.load_resident()
-    return dataset, trainer, model_run
+    return dataset, trainer, model_dir
 
 
 def write_batches(config, trainer, path):
@@ -172,19 +171,25 @@ def train_ours(config, trainer):
     return np.asarray([float(m["loss"]) for m in jax.device_get(metrics)])
 
 
-def evaluate_state(config, trainer, state, dataset, model_run, stem):
+def evaluate_state(config, trainer, state, dataset, model_dir, stem):
     """Rank-1 and mAP (paper mode) of a TrainState's EMA weights on split 1's test set."""
     from upm_jax import extract as extract_lib
-    from upm_jax import inference, split_evaluation
+    from upm_jax import methods
+    from upm_jax.evaluation import summary
+    from upm_jax.workdir import SplitDir
 
     variables = extract_lib.inference_variables(
         {"ema_params": state.ema_params, "frozen_params": state.frozen_params,
          "batch_stats": state.batch_stats})
-    os.makedirs(model_run.directory, exist_ok=True)
-    inference.write_model_features(config, dataset, trainer.model, variables, model_run, stem,
-                                   trainer.mesh)
-    results = split_evaluation.evaluate_split(config, [model_run], os.path.dirname(
-        model_run.directory), stem=stem)["paper"]
+    os.makedirs(model_dir.path, exist_ok=True)
+    extract_lib.write_model_features(config, dataset, trainer.model, variables, model_dir, stem,
+                                     trainer.mesh)
+    results = summary.evaluate_split(
+        [model_dir.features(stem)],
+        SplitDir(os.path.dirname(model_dir.path), model_dir.split).features(stem),
+        num_parts=methods.num_parts(config, model_dir.head),
+        frame_level=config.eval.frame_features, pooling=config.eval.pooling,
+        distance=config.eval.distance)["paper"]
     return {"rank1": float(results["rank1"]), "mAP": float(results["mAP"])}
 
 
@@ -192,7 +197,7 @@ def one_run(args, seed, synthetic_seed, root):
     """Every side's Rank-1 / mAP and final loss for one (set, seed)."""
     workdir = os.path.join(root, f"set{synthetic_seed}_seed{seed}")
     config = load_config(args, seed, synthetic_seed, os.path.join(root, f"set{synthetic_seed}"))
-    dataset, trainer, model_run = prepare_split(config, workdir)
+    dataset, trainer, model_dir = prepare_split(config, workdir)
     batches = os.path.join(workdir, "batches.npz")
     os.makedirs(workdir, exist_ok=True)
     write_batches(config, trainer, batches)
@@ -207,7 +212,7 @@ def one_run(args, seed, synthetic_seed, root):
     template = trainer.state
 
     def score(state, stem, losses=None):
-        out = evaluate_state(config, trainer, state, dataset, model_run, stem)
+        out = evaluate_state(config, trainer, state, dataset, model_dir, stem)
         if losses is not None:
             out.update(first_loss=float(losses[0]), final_loss=float(np.mean(losses[-50:])))
         return out
@@ -288,7 +293,7 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     print_rows(rows, summary)
     if args.json:
-        from upm_jax.evaluation.features import atomic_write
+        from upm_jax.files import atomic_write
         report = json.dumps({"config": args.config, "runs": rows, "summary": summary}, indent=1)
         atomic_write(args.json, lambda f: f.write(report), mode="w")
     return 0

@@ -3,12 +3,8 @@
   python tools/make_synthetic.py --layout prid2011 --out /tmp/synth --ids 60 --seed 0
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from upm_jax.data import synthetic  # noqa: E402
+from upm_jax.data import synthetic
 
 
 def _pair(text, name, sep):

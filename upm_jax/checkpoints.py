@@ -7,15 +7,13 @@ recorded shapes are compared with the model's, so a checkpoint of another model 
 clear error instead of an orbax traceback.
 
 Several processes: each calls the same methods; orbax writes every array's shards from the
-process that holds them and process 0 writes the metadata and commits the step. `wait`
-returns on every process only once the step is committed, so any process may then read it.
+process that holds them and process 0 writes the metadata and commits the step.
 """
 import errno
 import os
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 # What extraction needs from a TrainState: inference weights, nothing else.
 INFERENCE_FIELDS = ("ema_params", "frozen_params", "batch_stats")
@@ -51,13 +49,13 @@ def _leaf_shapes(tree):
     return out
 
 
-def latest_saved_step(model_dir):
-    """The newest complete checkpoint step in `model_dir/checkpoints`, or None, from the
-    folder names alone (orbax renames a step's folder to its number only once complete).
+def latest_saved_step(directory):
+    """The newest complete checkpoint step in `directory`, or None, from the folder names
+    alone (orbax renames a step's folder to its number only once complete).
     Unlike `Checkpoints`, it runs no collective, so in a multi-process run any process may
     ask at any time, whatever the others are doing."""
     try:
-        names = os.listdir(os.path.join(model_dir, "checkpoints"))
+        names = os.listdir(directory)
     except OSError:
         return None
     steps = [int(name) for name in names if name.isdigit()]
@@ -65,10 +63,10 @@ def latest_saved_step(model_dir):
 
 
 class Checkpoints:
-    """The checkpoints of one training run: `DIR/checkpoints/<step>/`."""
+    """The checkpoints of one training run: `directory/<step>/`."""
 
-    def __init__(self, workdir, *, keep=3, read_only=False):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    def __init__(self, directory, *, keep=3, read_only=False):
+        self.directory = os.path.abspath(directory)
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(
                 f"no checkpoints in {self.directory}: train first (--mode train or all)")
@@ -152,13 +150,6 @@ class Checkpoints:
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         return step
-
-    def wait(self):
-        """Waits for the pending save; with several processes, until every one is past it
-        (process 0 commits the step last, and others read it next, e.g. for extraction)."""
-        self._manager.wait_until_finished()
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("checkpoints committed")
 
     def close(self):
         self._manager.close()

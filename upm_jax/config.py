@@ -1,28 +1,42 @@
-"""Defaults shared by every experiment; dataset configs import this and override.
+"""The config schema every experiment starts from, how a config file is loaded, and the
+checks that refuse a config no run can use (early, naming the field).
 
-A config file's `get_config(arg)` receives the text after ':' in
-`--config configs/prid.py:split=3,backbone=resnet_v1_50`; `apply_shortcuts` turns
-those `key=value` pairs into overrides of the fields named in `SHORTCUTS`.
+An experiment file (the repository's `configs/`, or a user's own anywhere) is plain
+Python: `get_config(arg)` builds on `get_base_config()` and returns an
+`ml_collections.ConfigDict`; `arg` is the text after ':' in
+`--config configs/prid.py:split=3,backbone=resnet_v1_50`, which `apply_shortcuts` turns
+into overrides of the fields named in `SHORTCUTS`.
 """
+import difflib
+import importlib.util
+import os
+
 import ml_collections
 
 # Short names accepted after ':' on the command line -> full config paths.
 SHORTCUTS = {
-        "split": "data.splits",
-        "splits": "data.splits",
-        "root": "data.root",
-        "backbone": "model.backbone",
-        "weights": "model.pretrained",
-        "dtype": "model.dtype",
-        "method": "method",
-        "steps": "train.steps",
-        "batch": "train.batch_size",
-        "seed": "seed",
+    "split": "data.splits",
+    "splits": "data.splits",
+    "root": "data.root",
+    "backbone": "model.backbone",
+    "weights": "model.pretrained",
+    "dtype": "model.dtype",
+    "method": "method",
+    "steps": "train.steps",
+    "batch": "train.batch_size",
+    "seed": "seed",
 }
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("rmsprop", "sgd")
+ANCHOR_INITS = ("zeros", "features")
+
+
+class ConfigError(ValueError):
+    """A config field with a value that cannot work; the message names the field."""
 
 
 def get_base_config():
-    """The papers' common settings (design.md §5): uPMnet on MobileNet v1, batch 64, 256x128."""
+    """The papers' common settings: uPMnet on MobileNet v1, batch 64, 256x128 frames."""
     config = ml_collections.ConfigDict()
     # dal | upm_local | upm_global | upm (trains LAM and GAM, evaluates the fused features).
     config.method = "upm"
@@ -32,7 +46,7 @@ def get_base_config():
     config.data.layout = ""            # prid2011 | ilidsvid | mars | dukev
     config.data.root = ""              # the raw dataset folder, exactly as distributed
     config.data.splits = "1"           # '3', '1,2,5', 'all' or 'random:SEED[:COUNT]' (PRID2011 / iLIDS-VID)
-    config.data.split_file = ""        # our JSON, torchreid's list JSON or the iLIDS-VID .mat; '' = README order
+    config.data.split_file = ""        # our JSON, torchreid's list JSON or the iLIDS-VID .mat; '' = the shipped lists
     config.data.num_cameras = 0        # expected camera count, checked against the data (0 = any)
     config.data.image_size = 256       # frames are resized to (image_size, image_size // 2)
     config.data.resident = False       # keep the uint8 training frames on the accelerator
@@ -48,7 +62,7 @@ def get_base_config():
     config.model.train_relation = False      # False = the originals' frozen GAM relation layers
     # BatchNorm moving-average decay; None = slim's (MobileNet 0.9997, ResNet 0.997).
     config.model.bn_decay = ml_collections.config_dict.placeholder(float)
-    config.model.pretrained = ""             # .npz written by tools/port_weights.py; '' = from scratch
+    config.model.pretrained = ""             # .npz written by python -m upm_jax.porting; '' = from scratch
     config.model.allow_scratch = False       # a paper config refuses to train without weights
 
     config.train = ml_collections.ConfigDict()
@@ -73,11 +87,10 @@ def get_base_config():
     config.train.log_every = 100
 
     config.eval = ml_collections.ConfigDict()
-    # Extraction batch (global); 0 = chosen per backend (experiment.extraction_batch): one
-    # frame per device on CPU, where small batches are fastest (tools/bench_vs_tf1.py, 2-core
-    # CPU, MobileNet v1 256x128: batch 1 / 8 / 32 / 64 / 256 give 320 / 257 / 225 / 226 /
-    # 218 frames/s), 256 on GPU and TPU, where a large batch amortises each call (no
-    # accelerator figure yet: see README, Performance).
+    # Extraction batch (global); 0 = chosen per backend (extract.extraction_batch): one
+    # frame per device on CPU, where small batches are fastest (2-core CPU, MobileNet v1
+    # 256x128: batch 1 / 8 / 32 / 64 / 256 give 320 / 257 / 225 / 226 / 218 frames/s),
+    # 256 on GPU and TPU, where a large batch amortises each call.
     config.eval.batch_size = 0
     config.eval.pooling = "max"              # max | mean over a tracklet's frames
     config.eval.distance = "euclidean"       # euclidean | cosine
@@ -111,3 +124,111 @@ def apply_shortcuts(config, arg):
             raise ValueError(f"config argument {key}={value!r}: expected a "
                              f"{type(current).__name__}") from e
     return config
+
+
+def load_config_file(spec):
+    """The ConfigDict of "FILE[:ARG]" (the file's get_config(ARG)), as --config reads it;
+    for tools that take a config without absl's flags."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    module_spec = importlib.util.spec_from_file_location("upm_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def flat_fields(config, prefix=""):
+    """{'section.name', ...}: the leaf fields of a ConfigDict (or nested dict)."""
+    out = set()
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out |= flat_fields(value, name + ".")
+        else:
+            out.add(name)
+    return out
+
+
+def check_known_fields(config):
+    """Refuses fields the project does not define (a typo would otherwise be ignored)."""
+    known = flat_fields(get_base_config())
+    unknown = sorted(flat_fields(config) - known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"config.{name}" + (f" (did you mean config.{close[0]}?)" if close
+                                             else ""))
+        raise ConfigError(f"unknown config field(s): {', '.join(hints)}; every field is listed"
+                          " with a comment in upm_jax/config.py")
+
+
+def _one_of(config, field, allowed):
+    section, _, name = field.rpartition(".")
+    value = config[section][name] if section else config[name]
+    if value not in allowed:
+        raise ConfigError(f"config.{field}={value!r}: expected one of {list(allowed)}")
+
+
+def _positive(config, *fields):
+    for field in fields:
+        section, name = field.split(".")
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"config.{field}={value!r}: expected a number above 0")
+
+
+def check_config(config, *, num_devices):
+    """Fails early, naming the field, on values no run can use."""
+    from upm_jax import data as data_lib  # noqa: PLC0415  (the readers; no JAX)
+    from upm_jax import methods  # noqa: PLC0415  (imports the models, hence JAX)
+
+    check_known_fields(config)
+    _one_of(config, "method", sorted(methods.METHODS))
+    _one_of(config, "model.backbone", sorted(methods.BACKBONES))
+    _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "train.optimizer", OPTIMIZERS)
+    _one_of(config, "train.anchor_init", ANCHOR_INITS)
+    _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",
+              "train.log_every", "train.keep_checkpoints", "model.n_part",
+              "model.depth_multiplier")
+    if config.train.divergence_factor < 0:
+        raise ConfigError(f"config.train.divergence_factor={config.train.divergence_factor}: "
+                          "expected 0 (off) or a multiple above 1, e.g. 100")
+    if 0 < config.train.divergence_factor <= 1:
+        raise ConfigError(f"config.train.divergence_factor={config.train.divergence_factor}: "
+                          "a multiple of the running median loss must be above 1 (0 = off)")
+    if config.data.image_size < 32 or config.data.image_size % 2:
+        raise ConfigError(f"config.data.image_size={config.data.image_size}: expected an even "
+                          "size of at least 32")
+    if config.train.batch_size % num_devices:
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} must be divisible"
+                          f" by the {num_devices} devices in use")
+    batch = config.eval.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ConfigError(f"config.eval.batch_size={batch!r}: expected 0 (chosen per backend) "
+                          "or a positive batch size")
+    if config.eval.batch_size % num_devices:
+        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be divisible"
+                          f" by the {num_devices} devices in use")
+    if not config.data.root:
+        raise ConfigError("config.data.root is empty: set it to the raw dataset folder, e.g. "
+                          "--config.data.root=/data/prid_2011")
+    data_lib.check_split_spec(config.data.splits, field="config.data.splits")
+
+
+def check_weights(config):
+    """The ImageNet weights file a new training run starts from (not needed to resume,
+    extract or evaluate)."""
+    pretrained = config.model.pretrained
+    if pretrained and not os.path.isfile(pretrained):
+        raise ConfigError(
+            f"config.model.pretrained={pretrained!r}: no such file. Convert the TF-slim "
+            "checkpoint first: python -m upm_jax.porting --from slim CKPT --out "
+            f"{pretrained}, or set --config.model.pretrained='' "
+            "--config.model.allow_scratch=True to train from scratch")
+    if not pretrained and not config.model.allow_scratch:
+        raise ConfigError("config.model.pretrained is empty: the papers start from ImageNet "
+                          "weights; set it, or allow training from scratch with "
+                          "--config.model.allow_scratch=True")

@@ -1,10 +1,11 @@
-"""Feature extraction: batched, sharded over every device, every test frame exactly once.
+"""Where a checkpoint is restored for extraction and the features files are written.
 
-Streams each batch's features into the features file the evaluator reads
-(`upm_jax.evaluation` format) as it is extracted, so memory does not grow with the test
-set (MARS: 681,089 frames); writes the montage paths file next to it, fuses the models'
-files of a split chunk by chunk, and on request writes the `.mat` files the original
-MATLAB scripts load.
+A trained model is restored from its checkpoint alone (the EMA params, frozen params and
+BatchNorm statistics: no ImageNet file, no training frames) and run batched and sharded
+over every device, each test frame exactly once. Each batch's features are streamed into
+the features file the evaluator reads (`upm_jax.evaluation` format) as it is extracted,
+so memory does not grow with the test set (MARS: 681,089 frames); the montage paths file
+is written next to it, and on request the `.mat` files the original MATLAB scripts load.
 """
 import itertools
 import os
@@ -16,28 +17,106 @@ import numpy as np
 import scipy.io
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
+from upm_jax import checkpoints as checkpoints_lib
+from upm_jax import config as config_lib
 from upm_jax import data as data_lib
 from upm_jax import evaluation
-from upm_jax import train as train_lib
+from upm_jax import methods
+from upm_jax import parallel
+from upm_jax import workdir as workdir_lib
+from upm_jax.files import atomic_write
+from upm_jax.progress import say
+from upm_jax.training import state as state_lib
 
 # scipy writes MATLAB v5 files, whose variables must stay under 2 GiB; the original MARS
 # script reads its test features from two files (test0.mat, test1.mat) for that reason.
 _MAT_LIMIT_BYTES = 2**31 - 1
 # Frames (evenly spaced) whose spread is measured for the degenerate-features warning.
 _SPREAD_FRAMES = 65536
+# Extraction batch on accelerators when config.eval.batch_size is 0.
+ACCELERATOR_EXTRACTION_BATCH = 256
+
+
+def extraction_batch(config, mesh):
+    """The global extraction batch: config.eval.batch_size, or for 0 one frame per device
+    on CPU (fastest there) and 256 frames on accelerators, by the mesh's devices."""
+    if config.eval.batch_size:
+        return config.eval.batch_size
+    if mesh.devices.flat[0].platform == "cpu":
+        return mesh.size
+    return max(ACCELERATOR_EXTRACTION_BATCH // mesh.size, 1) * mesh.size
+
+
+def restore_inference(config, model_dir, mesh):
+    """(model, variables) of the model trained in `model_dir` (a workdir.ModelDir) under
+    the workdir's `config`: the EMA params, frozen params and BatchNorm statistics of its
+    latest checkpoint, replicated on `mesh`, ready for `model.apply(variables, x)`."""
+    model = methods.build_model(config, model_dir.head)
+    abstract = state_lib.abstract_variables(model, image_shape=methods.image_shape(config),
+                                            mesh=mesh)
+    trained, frozen = state_lib.split_frozen(abstract["params"], model.frozen_scopes)
+    target = {"ema_params": trained, "frozen_params": frozen,
+              "batch_stats": abstract.get("batch_stats", {})}
+    checkpoints = checkpoints_lib.Checkpoints(model_dir.checkpoints, read_only=True)
+    try:
+        restored = checkpoints.restore_inference(target)
+    finally:
+        checkpoints.close()
+    return model, inference_variables(restored)
 
 
 def inference_variables(restored):
     """Flax variables from a checkpoint's EMA params, frozen params and batch_stats."""
-    return {"params": train_lib.merge_params(restored["ema_params"], restored["frozen_params"]),
+    return {"params": state_lib.merge_params(restored["ema_params"], restored["frozen_params"]),
             "batch_stats": restored["batch_stats"]}
+
+
+def extract_model(config, eval_set, model_dir, mesh):
+    """Writes the model's features file (and `.mat` files on request) from its checkpoint."""
+    model, variables = restore_inference(config, model_dir, mesh)
+    say(f"{model_dir.label}: extracting {eval_set.test.num_frames} test frames with the "
+        "checkpoint's EMA weights")
+    write_model_features(config, eval_set, model, variables, model_dir, workdir_lib.FEATURES,
+                         mesh)
+
+
+def initial_features(config, eval_set, model_dir, mesh):
+    """Features of the untrained network (its initial weights), for the before/after table.
+    Kept once written: a resumed run does not extract them again."""
+    path = model_dir.features(workdir_lib.INITIAL_FEATURES)
+    if os.path.isfile(path):
+        say(f"{model_dir.label}: untrained network's features already in {path}")
+        return
+    if config.model.pretrained:
+        config_lib.check_weights(config)
+    model = methods.build_model(config, model_dir.head)
+    variables = state_lib.init_variables(
+        model, jax.random.PRNGKey(config.seed), image_shape=methods.image_shape(config),
+        mesh=mesh, pretrained=config.model.pretrained or None)
+    os.makedirs(model_dir.path, exist_ok=True)
+    say(f"{model_dir.label}: extracting the untrained network's features")
+    write_model_features(config, eval_set, model, variables, model_dir,
+                         workdir_lib.INITIAL_FEATURES, mesh)
+
+
+def write_model_features(config, eval_set, model, variables, model_dir, stem, mesh):
+    """The model's `<stem>.npz`: per-frame features of every test frame, with their ids,
+    streamed to disk as they are extracted; its montage paths file next to it."""
+    path = model_dir.features(stem)
+    write_frame_features(
+        model, variables, eval_set, path, mesh=mesh, batch_size=extraction_batch(config, mesh),
+        image_size=config.data.image_size, pooling=config.eval.pooling,
+        desc=f"{model_dir.label} {stem}")
+    say(f"{model_dir.label}: wrote {path}")
+    if config.eval.save_mat and stem == workdir_lib.FEATURES:
+        write_mat(model_dir.mat, path, eval_set, config.data.layout)
+        say(f"{model_dir.label}: wrote the MATLAB files in {model_dir.mat}")
 
 
 def make_feature_fn(model, mesh):
     """A jitted `(variables, uint8 images [B,H,W,3]) -> float32 features [B, P, D]`."""
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = parallel.batch_sharding(mesh)
 
     def features(variables, images):
         images = images.astype(jnp.float32) / 127.5 - 1.0
@@ -58,10 +137,10 @@ def frame_feature_batches(model, variables, table, *, mesh, batch_size, image_si
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
                          f"{mesh.size} devices in use")
     feature_fn = make_feature_fn(model, mesh)
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    sharding = parallel.batch_sharding(mesh)
     num_frames = table.num_frames
-    batches = data_lib.test_batches(table, batch_size=batch_size, image_size=image_size,
-                                    sharding=sharding)
+    batches = data_lib.ordered_batches(table, batch_size=batch_size, image_size=image_size,
+                                       sharding=sharding)
     pending = None
     starts = tqdm.tqdm(range(0, num_frames, batch_size), desc=desc, unit="batch",
                        disable=desc is None or jax.process_index() != 0, dynamic_ncols=True)
@@ -82,12 +161,11 @@ def _fetch(pending, batch_size, num_frames):
     return start, feats[:min(batch_size, num_frames - start)]
 
 
-def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size, out=None):
-    """Features of every frame of `table` in table order: float32 [N, P, D] on every process.
-
-    `out`: an array to fill (e.g. an `np.lib.format.open_memmap`); by default a new one.
-    Test sets are written to disk as they are extracted instead (`write_frame_features`).
-    """
+def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size):
+    """Features of every frame of `table` in table order: float32 [N, P, D] on every process
+    (the training frames for `train.anchor_init="features"`; test sets are written to disk
+    as they are extracted instead, by `write_frame_features`)."""
+    out = None
     for start, feats in frame_feature_batches(model, variables, table, mesh=mesh,
                                               batch_size=batch_size, image_size=image_size):
         if out is None:
@@ -174,5 +252,5 @@ def write_mat(directory, features_path, dataset, layout):
     files["testID.mat"] = ("testID", test.pid.astype(np.float64)[:, None])
     files["testCAM.mat"] = ("testCAM", (test.camera.astype(np.float64) + 1)[:, None])
     for name, (variable, value) in files.items():
-        evaluation.atomic_write(os.path.join(directory, name), lambda f: scipy.io.savemat(
+        atomic_write(os.path.join(directory, name), lambda f: scipy.io.savemat(
             f, {variable: np.ascontiguousarray(value, dtype=np.float32)}, do_compression=False))

@@ -29,7 +29,7 @@ _OVERWRITE = flags.DEFINE_bool(
     "field that changes the trained model.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
-    "Join a multi-process run (upm_jax.distributed): 'auto' does when a launcher started "
+    "Join a multi-process run (upm_jax.parallel.initialize): 'auto' does when a launcher started "
     "several processes (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, "
     "Open MPI, multi-host TPU).")
 
@@ -41,19 +41,19 @@ class UsageError(ValueError):
 def _check_config_flags(argv):
     """The config file exists and every --config.FIELD override names a real field
     (checked before absl parses them, which reports neither clearly)."""
-    from upm_jax import experiment  # noqa: PLC0415
+    from upm_jax import config as config_lib  # noqa: PLC0415
 
     for arg in argv[1:]:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1].split(":", 1)[0]
             if not os.path.isfile(path):
-                raise UsageError(f"--config {path}: no such file (run from the repository "
-                                 "root; the configs are in configs/)")
+                raise UsageError(f"--config {path}: no such file (the repository's experiment "
+                                 "files are in its configs/ folder)")
         elif arg.startswith("--config."):
             field = arg[len("--config."):].split("=", 1)[0]
             try:
-                experiment.check_known_fields(_field_tree(field))
-            except experiment.ConfigError as e:
+                config_lib.check_known_fields(_field_tree(field))
+            except config_lib.ConfigError as e:
                 raise UsageError(f"{arg}: {e}") from None
 
 
@@ -90,20 +90,20 @@ def main(argv):
     """Runs the parsed flags; returns the exit status."""
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # XLA's C++ log: warnings and up
     import jax  # Imported here so the environment above applies.
 
-    from upm_jax import distributed  # noqa: PLC0415
+    from upm_jax import parallel  # noqa: PLC0415
     try:
-        distributed.initialize(_DISTRIBUTED.value)
-    except distributed.DistributedError as e:
+        parallel.initialize(_DISTRIBUTED.value)
+    except parallel.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from upm_jax import progress  # noqa: PLC0415
     from upm_jax import run as run_lib  # noqa: PLC0415
 
-    logging.set_verbosity(logging.WARNING)  # orbax and TF log every step at INFO
-    progress.quiet_third_party(tensorflow=_MODE.value in ("train", "all"))
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    progress.quiet_third_party()
     config = _CONFIG.value
     workdir = _WORKDIR.value
     if workdir is None:
@@ -117,8 +117,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if results and jax.process_index() == 0:
-        from upm_jax import report  # noqa: PLC0415
-        print(report.format_results(results))
+        from upm_jax.evaluation import summary  # noqa: PLC0415
+        print(summary.format_results(results))
     return 0
 
 

@@ -1,10 +1,28 @@
-"""Device mesh and shardings for data-parallel training (one "data" axis over every device).
+"""Devices and processes: the data-parallel mesh, its shardings, which rows of a batch
+this process holds, and joining one JAX runtime across processes (hosts).
 
 Which rows of a global batch a process holds comes from the sharding itself
 (`addressable_devices_indices_map`), never from the order of `jax.devices()`: a process's
 devices need not be neighbours on the mesh.
+
+Multi-process launchers, in the order `initialize` recognises them:
+
+- `JAX_COORDINATOR_ADDRESS` (host:port of process 0) with `JAX_NUM_PROCESSES` and
+  `JAX_PROCESS_ID`: passed to `jax.distributed.initialize` explicitly (JAX itself reads
+  only the address from the environment), every local device used unless
+  `JAX_LOCAL_DEVICE_IDS` says otherwise;
+- SLURM (`srun`, SLURM_STEP_NUM_TASKS > 1), Open MPI (`mpirun`, OMPI_COMM_WORLD_SIZE > 1) and
+  multi-host TPU slices (TPU_WORKER_HOSTNAMES with several hosts): JAX detects
+  coordinator, count and id itself.
+
+CPU processes exchange collectives through gloo, so a multi-process run works (and is
+tested) without accelerators.
 """
 from __future__ import annotations
+
+import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -85,3 +103,117 @@ def global_batch(local_tree, mesh: Mesh):
         return from_process_rows(sharding, x, x.shape[0] // local_devices * mesh.size)
 
     return jax.tree.map(make, local_tree)
+
+
+JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+MODES = ("auto", "yes", "no")
+
+
+class DistributedError(RuntimeError):
+    """This process cannot join the multi-process run; the message names what is missing."""
+
+
+def detect_launcher(environ=None) -> str | None:
+    """'jax', 'slurm', 'openmpi' or 'tpu' when a launcher started several processes that
+    must join one runtime; None for a single process."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(name) for name in JAX_VARIABLES):
+        return "jax"
+    for launcher, name in (("slurm", "SLURM_STEP_NUM_TASKS"), ("openmpi", "OMPI_COMM_WORLD_SIZE")):
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            return launcher
+    if len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "tpu"
+    return None
+
+
+def jax_arguments(environ=None) -> dict:
+    """coordinator_address, num_processes and process_id from the JAX_* variables."""
+    environ = os.environ if environ is None else environ
+    missing = [name for name in JAX_VARIABLES if not environ.get(name)]
+    if missing:
+        raise DistributedError(
+            f"multi-process launch through JAX_* variables: {', '.join(missing)} not set; every "
+            f"process needs all of {', '.join(JAX_VARIABLES)} (process 0's host:port, the number "
+            "of processes, and this process's id 0..count-1)")
+    address = environ["JAX_COORDINATOR_ADDRESS"]
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DistributedError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected host:port of "
+                               "process 0, e.g. node001:12345")
+    numbers = {}
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        value = environ[name].strip()
+        if not value.isdigit():
+            raise DistributedError(f"{name}={environ[name]!r}: expected a non-negative integer")
+        numbers[name] = int(value)
+    count, index = numbers["JAX_NUM_PROCESSES"], numbers["JAX_PROCESS_ID"]
+    if count < 1 or index >= count:
+        raise DistributedError(f"JAX_PROCESS_ID={index} with JAX_NUM_PROCESSES={count}: expected "
+                               "1 <= processes and 0 <= id < processes")
+    return {"coordinator_address": address, "num_processes": count, "process_id": index}
+
+
+def check_coordinator(arguments, timeout_s: float) -> None:
+    """Fails clearly where JAX would abort the process: process 0 cannot bind the
+    coordinator's port, or another process finds no coordinator within `timeout_s`."""
+    host, _, port = arguments["coordinator_address"].rpartition(":")
+    host, port = host.strip("[]"), int(port)
+    if arguments["process_id"] == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))
+            except OSError as e:
+                raise DistributedError(
+                    f"JAX_COORDINATOR_ADDRESS={arguments['coordinator_address']}: process 0 "
+                    f"cannot listen on port {port} ({e.strerror}); choose a free port") from e
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"no coordinator at JAX_COORDINATOR_ADDRESS={arguments['coordinator_address']}"
+                    f" after {timeout_s:g} s ({e.strerror or e}): start process 0 "
+                    "(JAX_PROCESS_ID=0) on that host with the same address") from e
+            time.sleep(0.5)
+
+
+def initialize(mode: str = "auto", *, timeout_s: int = 300, environ=None) -> bool:
+    """Joins the multi-process runtime as `mode` says; True when it did.
+
+    'auto': when a launcher (see `detect_launcher`) started several processes; 'yes':
+    always (failing when no launcher is recognised); 'no': never. Call before any JAX
+    computation. Raises DistributedError naming what is missing or why joining failed
+    (a JAX_* variable unset or malformed, the coordinator unreachable for `timeout_s`
+    seconds). Processes that never arrive still end in JAX's own abort after `timeout_s`.
+    """
+    if mode not in MODES:
+        raise DistributedError(f"--distributed={mode!r}: expected one of {MODES}")
+    launcher = detect_launcher(environ)
+    if mode == "no" or (mode == "auto" and launcher is None):
+        return False
+    if launcher is None:
+        raise DistributedError(
+            "--distributed=yes but no multi-process launcher found: set "
+            f"{', '.join(JAX_VARIABLES)} on every process, or start under SLURM (srun), "
+            "Open MPI (mpirun) or on a multi-host TPU slice")
+    arguments = {}
+    if launcher == "jax":
+        arguments = jax_arguments(environ)
+        check_coordinator(arguments, timeout_s)
+        # no cluster detection on top: under SLURM it would limit each process to the one GPU
+        # of its local task id; given JAX_* the user decides (JAX_LOCAL_DEVICE_IDS, else all)
+        arguments["cluster_detection_method"] = "deactivate"
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s))
+    except (RuntimeError, ValueError, TypeError) as e:
+        where = ", ".join(f"{k}={v}" for k, v in arguments.items()) or "detected by JAX"
+        raise DistributedError(f"could not join the multi-process run ({launcher} launch, "
+                               f"{where}): {e}") from e
+    return True

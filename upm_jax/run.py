@@ -1,61 +1,54 @@
 """From a config to the papers' table: the modes of one workdir (the library behind main).
 
-`run` only checks, locks and dispatches; each stage is its own module:
-workdir.py (the record and the lock), train_loop.py (training one model, built by
-trainer.py), inference.py (extraction from a checkpoint), split_evaluation.py.
-
-Workdir layout (one folder per split for PRID2011 / iLIDS-VID, `split_1` otherwise):
-
-    DIR/config.json                 the resolved config, recorded when the run started
-    DIR/results.json                per split, mean, and `initial` when asked
-    DIR/cmc.png
-    DIR/split_K/test_set.npz        the split's test frames (what extraction reads)
-    DIR/split_K/<model>/            one trained model: checkpoints/, metrics.jsonl, tensorboard/,
-                                    features.npz
-    DIR/split_K/features.npz        the features evaluated (for `upm`: LAM and GAM fused)
+`run` only checks, locks and dispatches, split by split and model by model; each stage is
+its own module: workdir.py (every path of the record, and its lock), training/trainer.py
+(building and training one model), extract.py (a checkpoint restored, features written),
+evaluation/summary.py (a split evaluated, the run summarised).
 """
 import os
 
 import jax
 from jax.experimental import multihost_utils
 
-from upm_jax import checkpoint as checkpoint_lib
+from upm_jax import checkpoints
+from upm_jax import config as config_lib
 from upm_jax import data as data_lib
 from upm_jax import evaluation
-from upm_jax import experiment
-from upm_jax import inference
+from upm_jax import extract
+from upm_jax import methods
 from upm_jax import models
-from upm_jax import sharding
-from upm_jax import split_evaluation
-from upm_jax import test_set as test_set_lib
-from upm_jax import train_loop
-from upm_jax import workdir as workdir_lib
-from upm_jax.data import synthetic
-from upm_jax.experiment import ConfigError
+from upm_jax import parallel
+from upm_jax.config import ConfigError
+from upm_jax.data import eval_set as eval_set_lib
+from upm_jax.data import person_splits, synthetic
+from upm_jax.evaluation import summary as summary_lib
 from upm_jax.progress import say
-from upm_jax.train_loop import TrainingDiverged
-from upm_jax.workdir import WorkdirError
+from upm_jax.training import trainer as trainer_lib
+from upm_jax.training.trainer import TrainingDiverged
+from upm_jax.workdir import FEATURES, INITIAL_FEATURES, Workdir, WorkdirError
 
 MODES = ("train", "extract", "evaluate", "all")
 
 # Errors that describe bad input (config, data, weights, workdir): main prints them plainly.
 USER_ERRORS = (ConfigError, TrainingDiverged, WorkdirError, data_lib.DatasetError,
                models.WeightsFileError, models.PretrainedMismatchError,
-               evaluation.FeaturesError, checkpoint_lib.CheckpointError)
+               evaluation.FeaturesError, checkpoints.CheckpointError)
 
 
 def run(config, workdir, mode="all", *, overwrite=False):
     """Runs `mode` for every split and model; returns the results dict (empty for modes
-    that do not evaluate). `config` None: the one recorded in `workdir`. `overwrite`:
-    replace a recorded config that differs in a field that changes the trained model."""
+    that do not evaluate). `workdir`: the run's folder. `config` None: the one recorded in
+    `workdir`. `overwrite`: replace a recorded config that differs in a field that changes
+    the trained model."""
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: expected one of {MODES}")
+    workdir = Workdir(workdir)
     if config is not None:
-        experiment.check_config(config, num_devices=jax.device_count())
-        if mode in ("train", "all") and not workdir_lib.has_trained(workdir):
-            experiment.check_weights(config)   # a new run starts from them
+        config_lib.check_config(config, num_devices=jax.device_count())
+        if mode in ("train", "all") and not workdir.has_trained():
+            config_lib.check_weights(config)   # a new run starts from them
     _prepare_workdir(workdir)
-    lock = workdir_lib.WorkdirLock(workdir)
+    lock = workdir.lock()
     if jax.process_index() == 0:
         lock.acquire(say=say)
     try:
@@ -67,65 +60,99 @@ def run(config, workdir, mode="all", *, overwrite=False):
 
 def _open_record(config, workdir, mode, overwrite):
     if jax.process_index() == 0:
-        config = workdir_lib.open_record(config, workdir, mode=mode, overwrite=overwrite, say=say)
+        config = workdir.open_record(config, mode=mode, overwrite=overwrite, say=say)
     multihost_utils.sync_global_devices("workdir record")
     if jax.process_index() != 0:
-        config = workdir_lib.read_record(workdir)
-    experiment.check_config(config, num_devices=jax.device_count())
+        config = workdir.read_record()
+    config_lib.check_config(config, num_devices=jax.device_count())
     return config
 
 
 def _run_modes(config, workdir, mode):
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     results, initial = {}, {}
     _generate_synthetic(config)
-    numbers, source = experiment.splits(config, workdir,
-                                        recorded_first=mode in ("extract", "evaluate"))
+    numbers, source = _splits(config, workdir, recorded_first=mode in ("extract", "evaluate"))
     say(f"splits {numbers} of {source}")
-    for split in numbers:
-        split_dir = os.path.join(workdir, f"split_{split}")
-        runs = experiment.model_runs(config, workdir, split)
+    for number in numbers:
+        split = workdir.split(number)
+        model_dirs = split.models(config.method)
         dataset = None
         if mode in ("train", "all"):
-            dataset = _load_dataset(config, split, split_dir)
-            for model_run in runs:
+            dataset = _load_dataset(config, split)
+            for model_dir in model_dirs:
                 if config.eval.initial and mode == "all":
-                    inference.initial_features(config, dataset, model_run, mesh)
-                train_loop.train_model(config, dataset, model_run, mesh)
+                    extract.initial_features(config, dataset, model_dir, mesh)
+                trainer_lib.train_model(config, dataset, model_dir, mesh)
         if mode in ("extract", "all"):
             # the tables just read serve extraction too; alone, it reads the recorded test set
-            test_set = dataset if dataset is not None else _test_set(config, split, split_dir)
-            for model_run in runs:
-                inference.extract_model(config, test_set, model_run, mesh)
+            eval_set = dataset if dataset is not None else _eval_set(config, split)
+            for model_dir in model_dirs:
+                extract.extract_model(config, eval_set, model_dir, mesh)
         if mode in ("evaluate", "all") and jax.process_index() == 0:
-            results[f"split_{split}"] = split_evaluation.evaluate_split(config, runs, split_dir)
-            if config.eval.initial and (mode == "all" or _has_initial_features(runs)):
-                initial[f"split_{split}"] = split_evaluation.evaluate_split(
-                    config, runs, split_dir, stem="initial_features")
+            results[f"split_{number}"] = _evaluate_split(config, split, model_dirs)
+            if config.eval.initial and (mode == "all" or all(
+                    os.path.isfile(m.features(INITIAL_FEATURES)) for m in model_dirs)):
+                # a later --mode evaluate reports the untrained network again when every
+                # model kept its features, as the run that wrote them did
+                initial[f"split_{number}"] = _evaluate_split(config, split, model_dirs,
+                                                             INITIAL_FEATURES)
     if not results:
         return {}
-    summary = split_evaluation.summarize(results)
+    summary = summary_lib.summarize(results)
     if initial:
-        summary["initial"] = split_evaluation.summarize(initial)
-    split_evaluation.write_summary(workdir, summary)
+        summary["initial"] = summary_lib.summarize(initial)
+    summary_lib.write_summary(summary, workdir.results, workdir.cmc_plot)
+    say(f"wrote {workdir.results} and {workdir.cmc_plot}")
     return summary
 
 
-def _has_initial_features(runs):
-    """Whether every model of the split kept its untrained network's features (a later
-    `--mode evaluate` then reports them again, as the run that wrote them did)."""
-    return all(os.path.isfile(os.path.join(r.directory, "initial_features.npz")) for r in runs)
+def _evaluate_split(config, split, model_dirs, stem=FEATURES):
+    """The split's models' `<stem>` features fused into the split's own file, evaluated."""
+    path = split.features(stem)
+    results = summary_lib.evaluate_split(
+        [m.features(stem) for m in model_dirs], path,
+        num_parts=methods.num_parts(config, model_dirs[0].head),
+        frame_level=config.eval.frame_features, pooling=config.eval.pooling,
+        distance=config.eval.distance)
+    say(f"split_{split.number}: evaluated {path} ({stem}): Rank-1 "
+        f"{results['paper']['rank1']:.2f}, mAP {results['paper']['mAP']:.2f} (paper mode)")
+    return results
+
+
+def _splits(config, workdir, *, recorded_first=False):
+    """The 1-based splits to run and where they come from (a line to print).
+
+    Resolved against the raw folder (`data.resolve_splits`). With `recorded_first`
+    (extraction, evaluation), the split folders a run already left in the workdir come
+    first, so these stages work on a machine that holds only the test frames, or no
+    dataset at all.
+    """
+    field = "config.data.splits"
+    recorded = workdir.recorded_splits() if recorded_first else []
+    if recorded:
+        spec = person_splits.parse_spec(config.data.splits, field)
+        wanted = recorded if spec.numbers is None else list(spec.numbers)
+        missing = [n for n in wanted if n not in recorded]
+        if missing:
+            raise ConfigError(f"{field}={config.data.splits!r}: split(s) {missing} have no "
+                              f"folder in {workdir.path!r}; it holds splits {recorded} (train "
+                              "them first with --mode train or all)")
+        return wanted, f"the split folders recorded in {workdir.path}"
+    plan = data_lib.resolve_splits(config.data.layout, config.data.root, config.data.splits,
+                                   config.data.split_file or None, field=field)
+    return plan.numbers, plan.protocol
 
 
 def _prepare_workdir(workdir):
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+        os.makedirs(workdir.path, exist_ok=True)
+        probe = os.path.join(workdir.path, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"--workdir {workdir!r} is not writable: {e.strerror}") from e
+        raise ConfigError(f"--workdir {workdir.path!r} is not writable: {e.strerror}") from e
 
 
 def _generate_synthetic(config):
@@ -141,12 +168,12 @@ def _generate_synthetic(config):
         multihost_utils.sync_global_devices("synthetic dataset")
 
 
-def _load_dataset(config, split, split_dir):
+def _load_dataset(config, split):
     """The split's train and test tables from the raw folder; records the test side in
-    split_dir for later extractions."""
+    the split's folder for later extractions."""
     root = config.data.root
     dataset = data_lib.load_dataset(
-        config.data.layout, root, split=split, split_file=config.data.split_file or None,
+        config.data.layout, root, split=split.number, split_file=config.data.split_file or None,
         splits=config.data.splits, skip_corrupt=config.data.skip_corrupt)
     expected = config.data.num_cameras
     if expected and dataset.num_cameras != expected:
@@ -159,13 +186,13 @@ def _load_dataset(config, split, split_dir):
     for path, reason in dataset.skipped:
         say(f"skipped {path}: {reason}")
     if jax.process_index() == 0:
-        test_set_lib.write(split_dir, dataset, root)
-    multihost_utils.sync_global_devices(f"{split_dir} test set recorded")  # others may read it
+        eval_set_lib.write(split.eval_set, dataset, root)
+    multihost_utils.sync_global_devices(f"{split.path} test set recorded")  # others may read it
     return dataset
 
 
-def _test_set(config, split, split_dir):
+def _eval_set(config, split):
     """The split's test frames: as recorded by training, else read from the raw folder."""
-    if os.path.isfile(test_set_lib.path_of(split_dir)):
-        return test_set_lib.read(split_dir, config.data.root)
-    return _load_dataset(config, split, split_dir)
+    if os.path.isfile(split.eval_set):
+        return eval_set_lib.read(split.eval_set, config.data.root)
+    return _load_dataset(config, split)

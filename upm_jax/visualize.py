@@ -201,21 +201,22 @@ def restore_from_workdir(workdir: str, model_name: Optional[str] = None,
     """The EMA inference model of one trained model of a workdir, from its checkpoint and the
     workdir's recorded config alone. Defaults: the method's first model, the lowest split
     that has checkpoints."""
-    from upm_jax import checkpoint as checkpoint_lib
-    from upm_jax import experiment, inference, sharding
-    from upm_jax import workdir as workdir_lib
+    from upm_jax import extract, methods, parallel
+    from upm_jax.workdir import Workdir
 
-    config = workdir_lib.read_record(workdir)
+    run_dir = Workdir(workdir)
+    config = run_dir.read_record()
     if config is None:
         raise VisualizeError(f"--workdir {workdir!r} has no config.json: expected a folder "
                              "written by python -m upm_jax.main")
-    heads = dict(experiment.METHODS[config.method])
+    heads = dict(methods.METHODS[config.method])
     name = model_name or next(iter(heads))
     if name not in heads:
         raise VisualizeError(f"--model {name!r}: the workdir's method {config.method!r} trains "
                              f"{list(heads)}")
-    trained = [k for k in experiment.recorded_splits(workdir)
-               if os.path.isdir(os.path.join(workdir, f"split_{k}", name, "checkpoints"))]
+    model_dirs = {k: m for k in run_dir.recorded_splits()
+                  for m in run_dir.split(k).models(config.method) if m.name == name}
+    trained = [k for k, m in model_dirs.items() if m.latest_step() is not None]
     if not trained:
         raise VisualizeError(f"--workdir {workdir!r} has no checkpoints of model {name!r} "
                              f"(expected {workdir}/split_K/{name}/checkpoints/): train first")
@@ -223,13 +224,9 @@ def restore_from_workdir(workdir: str, model_name: Optional[str] = None,
     if split not in trained:
         raise VisualizeError(f"--split {split}: model {name!r} has checkpoints only for splits "
                              f"{trained}")
-    model_dir = os.path.join(workdir, f"split_{split}", name)
-    model, variables = inference.restore_inference(config, model_dir, sharding.make_mesh())
-    checkpoints = checkpoint_lib.Checkpoints(model_dir, read_only=True)
-    try:
-        step = checkpoints.latest_step()
-    finally:
-        checkpoints.close()
+    model_dir = model_dirs[split]
+    model, variables = extract.restore_inference(config, model_dir, parallel.make_mesh())
+    step = model_dir.latest_step()
     return Restored(model, variables, int(config.data.image_size), name, split, int(step))
 
 
@@ -262,7 +259,7 @@ def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    from upm_jax.evaluation.features import atomic_write
+    from upm_jax.files import atomic_write
 
     rows, maps = cams.shape[:2]
     height, width = frames.shape[1:3]

@@ -1,11 +1,20 @@
-"""The workdir is the record of a run: its resolved config, its lock, its default place.
+"""The workdir is the record of a run: every path in it, its resolved config, its lock.
 
-`DIR/config.json` is written once, when a run starts in an empty workdir, with every path
+    DIR/config.json                  the resolved config, recorded when the run started
+    DIR/.lock                        held while a run uses the workdir (names its holder)
+    DIR/results.json, DIR/cmc.png    per split, mean, and `initial` when asked
+    DIR/split_K/test_set.npz         the split's test frames (what a later extraction reads)
+    DIR/split_K/features.npz         the features evaluated (for `upm`: LAM and GAM fused)
+    DIR/split_K/<model>/             one trained model (`dal`, `lam` or `gam`): checkpoints/,
+                                     metrics.jsonl, tensorboard/, features.npz, mat/
+
+`Workdir`, `SplitDir` and `ModelDir` own these paths; no other module joins them by hand.
+`config.json` is written once, when a run starts in an empty workdir, with every path
 resolved and `{workdir}` expanded. Later invocations are compared with it: a field that
 changes the trained model (anything outside FREE_FIELDS) must match, unless the user asks
 to overwrite the record; `--mode extract|evaluate --workdir DIR` needs no config at all.
-`DIR/.lock` keeps a second run out of a workdir while one is using it.
 """
+import dataclasses
 import fcntl
 import json
 import os
@@ -15,38 +24,202 @@ import time
 
 import ml_collections
 
-from upm_jax import checkpoint as checkpoint_lib
+from upm_jax import checkpoints
+from upm_jax import config as config_lib
+from upm_jax import methods
+from upm_jax.config import ConfigError
+from upm_jax.files import atomic_write
 
-from upm_jax.evaluation.features import atomic_write
-from upm_jax.experiment import ConfigError
-
-RECORD = "config.json"
-LOCK = ".lock"
 # Fields a later invocation may change: they say where the data is or how often to log and
 # checkpoint, or only affect extraction and evaluation, never the trained model.
 FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "model.allow_scratch",
                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                "train.divergence_factor", "eval.")
+# Stems of the features files: the trained model's, and the untrained network's.
+FEATURES = "features"
+INITIAL_FEATURES = "initial_features"
 
 
 class WorkdirError(RuntimeError):
     """A workdir that cannot be used as asked (busy, or recorded for another config)."""
 
 
-def resolve_path(path, workdir):
-    """A config path with `{workdir}` expanded, made absolute ('' stays '')."""
-    if not path:
-        return path
-    return os.path.abspath(path.replace("{workdir}", os.path.abspath(workdir)))
+@dataclasses.dataclass(frozen=True)
+class ModelDir:
+    """One model trained on one split: DIR/split_K/<name>, with its head."""
+    path: str
+    split: int
+    name: str    # dal | lam | gam
+    head: str    # dal | local | global
+
+    @property
+    def label(self):
+        """How progress messages name the model: 'split 3 lam'."""
+        return f"split {self.split} {self.name}"
+
+    @property
+    def checkpoints(self):
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def metrics(self):
+        return os.path.join(self.path, "metrics.jsonl")
+
+    @property
+    def tensorboard(self):
+        return os.path.join(self.path, "tensorboard")
+
+    @property
+    def mat(self):
+        return os.path.join(self.path, "mat")
+
+    def features(self, stem=FEATURES):
+        return os.path.join(self.path, f"{stem}.npz")
+
+    def latest_step(self):
+        """The newest complete checkpoint's step, or None (no collective: see checkpoints)."""
+        return checkpoints.latest_saved_step(self.checkpoints)
 
 
-def resolve(config, workdir):
-    """A copy of `config` with its paths resolved (what the record holds)."""
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    resolved.data.root = resolve_path(config.data.root, workdir)
-    resolved.data.split_file = resolve_path(config.data.split_file, workdir)
-    resolved.model.pretrained = resolve_path(config.model.pretrained, workdir)
-    return resolved
+@dataclasses.dataclass(frozen=True)
+class SplitDir:
+    """One split of a run: DIR/split_K."""
+    path: str
+    number: int
+
+    @property
+    def eval_set(self):
+        """The recorded test frames, query and gallery (upm_jax.data.eval_set)."""
+        return os.path.join(self.path, "test_set.npz")
+
+    def features(self, stem=FEATURES):
+        """The evaluated features file (the models' fused for `upm`)."""
+        return os.path.join(self.path, f"{stem}.npz")
+
+    def models(self, method):
+        """The ModelDirs of `method`'s models on this split (methods.METHODS)."""
+        return [ModelDir(os.path.join(self.path, name), self.number, name, head)
+                for name, head in methods.METHODS[method]]
+
+
+class Workdir:
+    """The folder of one run (see the module docstring for its layout)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __repr__(self):
+        return f"Workdir({self.path!r})"
+
+    @property
+    def record(self):
+        return os.path.join(self.path, "config.json")
+
+    @property
+    def lock_file(self):
+        return os.path.join(self.path, ".lock")
+
+    @property
+    def results(self):
+        return os.path.join(self.path, "results.json")
+
+    @property
+    def cmc_plot(self):
+        return os.path.join(self.path, "cmc.png")
+
+    def split(self, number):
+        return SplitDir(os.path.join(self.path, f"split_{int(number)}"), int(number))
+
+    def recorded_splits(self):
+        """Split numbers K with a DIR/split_K folder, sorted."""
+        if not os.path.isdir(self.path):
+            return []
+        found = [name[len("split_"):] for name in os.listdir(self.path)
+                 if name.startswith("split_")]
+        return sorted(int(k) for k in found if k.isdigit())
+
+    def has_trained(self):
+        """True when some model folder of the workdir has a complete checkpoint (any
+        model: this is asked before the record says which the method trains)."""
+        for number in self.recorded_splits():
+            split = self.split(number)
+            for name in sorted(os.listdir(split.path)):
+                folder = os.path.join(split.path, name, "checkpoints")
+                if checkpoints.latest_saved_step(folder) is not None:
+                    return True
+        return False
+
+    def resolve(self, config):
+        """A copy of `config` with its paths resolved (what the record holds)."""
+        resolved = ml_collections.ConfigDict(config.to_dict())
+        resolved.data.root = self.resolve_path(config.data.root)
+        resolved.data.split_file = self.resolve_path(config.data.split_file)
+        resolved.model.pretrained = self.resolve_path(config.model.pretrained)
+        return resolved
+
+    def resolve_path(self, path):
+        """A config path with `{workdir}` expanded, made absolute ('' stays '')."""
+        if not path:
+            return path
+        return os.path.abspath(path.replace("{workdir}", os.path.abspath(self.path)))
+
+    def read_record(self):
+        """The recorded config (fields added to the project since filled with their
+        defaults), or None when the workdir has none."""
+        if not os.path.isfile(self.record):
+            return None
+        try:
+            with open(self.record, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as e:
+            raise WorkdirError(f"{self.record}: cannot read the workdir's recorded config ({e}); "
+                               "restore it, or start a new --workdir") from e
+        return ml_collections.ConfigDict(_merge(config_lib.get_base_config().to_dict(), recorded))
+
+    def write_record(self, config):
+        """Writes DIR/config.json atomically."""
+        text = config.to_json(indent=2)
+        atomic_write(self.record, lambda f: f.write(text), mode="w")
+
+    def open_record(self, config, *, mode, overwrite=False, say=print):
+        """The config this invocation runs with, after checking it against the record.
+
+        `config` None: the recorded one (an error when there is none). Otherwise the
+        resolved `config`, which must agree with the record on every field that changes
+        the trained model; with `overwrite`, or while nothing is trained yet in a training
+        mode, the record is replaced instead. A workdir without a record gets one.
+        """
+        recorded = self.read_record()
+        if config is None:
+            if recorded is None:
+                raise ConfigError(f"--workdir {self.path} has no config.json: give --config (it "
+                                  "is recorded there when a run starts)")
+            say(f"using the config recorded in {self.record}")
+            return recorded
+        config = self.resolve(config)
+        if recorded is None:
+            self.write_record(config)
+            say(f"recorded the config in {self.record}")
+            return config
+        differences = model_differences(recorded, config)
+        if not differences:
+            return config
+        listed = "; ".join(f"{field}: {old!r} recorded, {new!r} now"
+                           for field, old, new in differences)
+        if overwrite or (mode in ("train", "all") and not self.has_trained()):
+            self.write_record(config)
+            why = "as asked (--overwrite)" if overwrite else "nothing is trained there yet"
+            say(f"replaced the recorded config in {self.record}, {why}: {listed}")
+            return config
+        raise WorkdirError(
+            f"--workdir {self.path} was recorded with another config ({self.record}); fields "
+            f"that change the trained model differ: {listed}. Use another --workdir, drop the "
+            "differing overrides (or --config: the record is used), or pass --overwrite to "
+            "replace the record (the checkpoints must still fit the model)")
+
+    def lock(self):
+        """The workdir's WorkdirLock (not yet acquired)."""
+        return WorkdirLock(self.lock_file)
 
 
 def _flatten(tree, prefix=""):
@@ -68,29 +241,6 @@ def _merge(defaults, values):
     return defaults
 
 
-def read_record(workdir):
-    """The recorded config of `workdir` (fields added to the project since filled with
-    their defaults), or None when the workdir has none."""
-    path = os.path.join(workdir, RECORD)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
-    except (OSError, ValueError) as e:
-        raise WorkdirError(f"{path}: cannot read the workdir's recorded config ({e}); restore "
-                           "it, or start a new --workdir") from e
-    from configs import base  # noqa: PLC0415  (the repository's config package)
-
-    return ml_collections.ConfigDict(_merge(base.get_base_config().to_dict(), recorded))
-
-
-def write_record(config, workdir):
-    """Writes DIR/config.json atomically."""
-    text = config.to_json(indent=2)
-    atomic_write(os.path.join(workdir, RECORD), lambda f: f.write(text), mode="w")
-
-
 def model_differences(recorded, config):
     """[(field, recorded value, new value)] of the fields outside FREE_FIELDS that differ."""
     old, new = _flatten(recorded.to_dict()), _flatten(config.to_dict())
@@ -102,59 +252,6 @@ def model_differences(recorded, config):
         if old.get(field) != new.get(field):
             out.append((field, old.get(field), new.get(field)))
     return out
-
-
-def has_trained(workdir):
-    """True when some model of the workdir has a complete checkpoint."""
-    for split in _listdir(workdir):
-        if not split.startswith("split_"):
-            continue
-        for model in _listdir(os.path.join(workdir, split)):
-            if checkpoint_lib.latest_saved_step(os.path.join(workdir, split, model)) is not None:
-                return True
-    return False
-
-
-def _listdir(path):
-    return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-
-def open_record(config, workdir, *, mode, overwrite=False, say=print):
-    """The config this invocation runs with, after checking it against the record.
-
-    `config` None: the recorded one (an error when there is none). Otherwise the resolved
-    `config`, which must agree with the record on every field that changes the trained
-    model; with `overwrite`, or while nothing is trained yet in a training mode, the record
-    is replaced instead. A workdir without a record gets one.
-    """
-    recorded = read_record(workdir)
-    path = os.path.join(workdir, RECORD)
-    if config is None:
-        if recorded is None:
-            raise ConfigError(f"--workdir {workdir} has no {RECORD}: give --config (it is "
-                              "recorded there when a run starts)")
-        say(f"using the config recorded in {path}")
-        return recorded
-    config = resolve(config, workdir)
-    if recorded is None:
-        write_record(config, workdir)
-        say(f"recorded the config in {path}")
-        return config
-    differences = model_differences(recorded, config)
-    if not differences:
-        return config
-    listed = "; ".join(f"{field}: {old!r} recorded, {new!r} now"
-                       for field, old, new in differences)
-    if overwrite or (mode in ("train", "all") and not has_trained(workdir)):
-        write_record(config, workdir)
-        why = "as asked (--overwrite)" if overwrite else "nothing is trained there yet"
-        say(f"replaced the recorded config in {path}, {why}: {listed}")
-        return config
-    raise WorkdirError(
-        f"--workdir {workdir} was recorded with another config ({path}); fields that change "
-        f"the trained model differ: {listed}. Use another --workdir, drop the differing "
-        "overrides (or --config: the record is used), or pass --overwrite to replace the "
-        "record (the checkpoints must still fit the model)")
 
 
 def default_workdir(config_file, overrides=()):
@@ -174,8 +271,8 @@ class WorkdirLock:
     taken over at once; the file then still names the dead holder, which is reported.
     """
 
-    def __init__(self, workdir):
-        self.path = os.path.join(workdir, LOCK)
+    def __init__(self, path):
+        self.path = path
         self._fd = None
 
     def acquire(self, say=print):

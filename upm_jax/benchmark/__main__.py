@@ -1,11 +1,11 @@
-"""How fast is upm_jax here? One command, a printed table, and a JSON file.
+"""How fast is upm_jax here? Every benchmark, one command, a printed table, a JSON file.
 
-    python tools/benchmark.py --out benchmark.json                      # everything, defaults
-    python tools/benchmark.py --sections train --backbones mobilenet_v1 --heads upm_local \
+    python -m upm_jax.benchmark --out benchmark.json                    # everything, defaults
+    python -m upm_jax.benchmark --sections train --backbones mobilenet_v1 --heads upm_local \
         --batches 64,max --dtypes float32,bfloat16
 
-The models are trained as `--config` (default configs/prid.py, the papers' PRID2011
-settings) says, through the run's own trainer factory (`upm_jax.trainer.make_trainer`):
+The models are trained as `--config` says (default: the base config, the papers' uPMnet
+settings), through the run's own trainer factory (`training.trainer.make_trainer`):
 optimizer, schedule, margins, clipping and EMA come from the config; the flags choose only
 backbone, method, dtype, batch and image size.
 
@@ -13,7 +13,9 @@ Sections:
   train     training steps/s and frames/s (on-device dataset), XLA FLOPs per step, MFU
   extract   extraction frames/s with the on-device input and the host pipeline
   input     decode + resize frames/s per CPU core (PNG and JPEG, 128x64 -> 256x128)
-  evaluate  evaluator seconds and peak memory at MARS size
+  evaluate  evaluator seconds and peak memory at MARS size (`benchmark/evaluation.py`)
+  memory    peak memory of extraction and evaluation at MARS size (`benchmark/memory.py`;
+            not in the default sections: it writes several GB under --memory-workdir)
 
 Every row names the device kind, the JAX version, the dtype and the batch size. Warm-up
 (compilation and the first steps) is excluded; each figure is the median of several
@@ -24,11 +26,8 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":   # as the run's entry point does (UPM_JAX_MALLOC=default: not)
     from upm_jax import host_malloc
@@ -38,11 +37,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from upm_jax import experiment  # noqa: E402
+from upm_jax import config as config_lib  # noqa: E402
 from upm_jax import extract as extract_lib  # noqa: E402
-from upm_jax import sharding  # noqa: E402
-from upm_jax import trainer as trainer_lib  # noqa: E402
+from upm_jax import methods  # noqa: E402
+from upm_jax import parallel  # noqa: E402
 from upm_jax.data import FrameTable  # noqa: E402
+from upm_jax.files import atomic_write  # noqa: E402
+from upm_jax.training import trainer as trainer_lib  # noqa: E402
 
 # Dense peak FLOP/s per chip by device kind (vendor figures, no sparsity), for MFU.
 PEAK_FLOPS = {
@@ -86,7 +87,8 @@ def row_base(dtype, batch):
 
 def bench_config(backbone, head, dtype, batch, args):
     """`--config` with the benchmarked backbone, method, dtype, batch and image size."""
-    config = experiment.load_config_file(args.config)
+    config = (config_lib.load_config_file(args.config) if args.config
+              else config_lib.get_base_config())
     config.method = METHOD_OF_HEAD[head]
     config.model.backbone = backbone
     config.model.dtype = dtype
@@ -101,7 +103,7 @@ def bench_config(backbone, head, dtype, batch, args):
 
 
 def build(backbone, head, dtype, args):
-    return experiment.build_model(bench_config(backbone, head, dtype, 64, args), head)
+    return methods.build_model(bench_config(backbone, head, dtype, 64, args), head)
 
 
 def _training_table():
@@ -128,9 +130,9 @@ def _train_setup(backbone, head, batch, dtype, args, mesh):
         "image": rng.integers(0, 256, (_FRAMES, height, width, 3), dtype=np.uint8),
         "track": table.track, "camera": table.camera,
     }
-    resident = jax.device_put(resident, sharding.replicated(mesh))
+    resident = jax.device_put(resident, parallel.replicated(mesh))
     batches = [{"index": jax.device_put(rng.integers(0, _FRAMES, batch).astype(np.int32),
-                                        sharding.batch_sharding(mesh))} for _ in range(8)]
+                                        parallel.batch_sharding(mesh))} for _ in range(8)]
     return trainer.state, trainer.step_fn, resident, batches
 
 
@@ -201,7 +203,7 @@ def bench_extract(backbone, head, batch, dtype, args, mesh):
     feature_fn = extract_lib.make_feature_fn(model, mesh)
     images = jax.device_put(
         np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
-        sharding.batch_sharding(mesh))
+        parallel.batch_sharding(mesh))
 
     def device_input():
         for _ in range(args.steps):
@@ -239,17 +241,27 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
 
 
 def bench_input(args):
-    from upm_jax.data import benchmark as data_benchmark
-    result = data_benchmark.decode_resize_throughput()
+    from upm_jax.benchmark import input as input_bench  # noqa: PLC0415
+    result = input_bench.decode_resize_throughput()
     return [dict(row_base("uint8", 1), section="input", **result)]
 
 
 def bench_evaluate(args):
-    from upm_jax.evaluation import benchmark as eval_benchmark
+    from upm_jax.benchmark import evaluation as evaluation_bench  # noqa: PLC0415
     sizes = ((1, 1024), (8, 1280))
-    results = eval_benchmark.mars_size_benchmark(
+    results = evaluation_bench.mars_size_benchmark(
         evaluate_sizes=sizes, rerank_sizes=sizes if args.rerank else (), verbose=False)
     return [dict(row_base("float32", 0), section="evaluate", **r) for r in results]
+
+
+def bench_memory(args):
+    from upm_jax.benchmark import memory as memory_bench  # noqa: PLC0415
+    if not args.memory_workdir:
+        raise SystemExit("error: --sections memory needs --memory-workdir (a folder with a few "
+                         "GB free)")
+    records = memory_bench.mars_memory(args.memory_workdir, frames=args.memory_frames)
+    return [dict(row_base(r["features"].split()[-1], 0), section="memory", **r)
+            for r in records]
 
 
 def format_table(rows):
@@ -270,7 +282,8 @@ def _fmt(value):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m upm_jax.benchmark",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="train,extract,input,evaluate")
     parser.add_argument("--backbones", default="mobilenet_v1,resnet_v1_50")
     parser.add_argument("--heads", default="dal,upm_local,upm_global")
@@ -281,9 +294,9 @@ def parse_args(argv):
     parser.add_argument("--n-part", type=int, default=8)
     parser.add_argument("--depth-multiplier", type=float, default=1.0,
                         help="MobileNet v1 width (0: the config's)")
-    parser.add_argument("--config", default=os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "prid.py"),
-        help="config whose training settings are timed")
+    parser.add_argument("--config", default="",
+                        help="config file whose training settings are timed (default: the "
+                        "base config, the papers' uPMnet settings)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-batch-limit", type=int, default=4096)
@@ -291,6 +304,10 @@ def parse_args(argv):
                         help="synthetic PRID-layout ids for the host extraction figure")
     parser.add_argument("--extract-batch", type=int, default=512)
     parser.add_argument("--rerank", action="store_true", help="also time re-ranking")
+    parser.add_argument("--memory-workdir", default="",
+                        help="memory section: a folder for its frames and features files")
+    parser.add_argument("--memory-frames", type=int, default=681089,
+                        help="memory section: test frames (MARS has 681,089)")
     parser.add_argument("--out", default="benchmark.json")
     return parser.parse_args(argv)
 
@@ -298,7 +315,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     sections = args.sections.split(",")
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     rows = []
 
     def emit(new_rows):
@@ -326,10 +343,9 @@ def main(argv=None):
         emit(bench_input(args))
     if "evaluate" in sections:
         emit(bench_evaluate(args))
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2)
-    os.replace(tmp, args.out)
+    if "memory" in sections:
+        emit(bench_memory(args))
+    atomic_write(args.out, lambda f: json.dump(rows, f, indent=2), mode="w")
     print(f"wrote {args.out} ({len(rows)} rows)")
 
 

@@ -1,11 +1,11 @@
-"""MARS-size benchmark of the evaluator: time and peak memory of each stage.
+"""Evaluator at MARS size: time and peak memory of each stage (the `evaluate` section of
+`python -m upm_jax.benchmark`).
 
-`python -m upm_jax.evaluation.benchmark [--quick] [--json OUT]` runs every case in a fresh
-subprocess (so its peak RSS, ru_maxrss, is its own) on synthetic data shaped like the
-MARS test set: 12,180 tracklets in 6 cameras, 1,980 queries (one per person and camera),
-625 identities, 3,248 distractors (pid 0) and 870 junk tracklets (pid -1).
+Every case runs in a fresh subprocess (so its peak RSS, ru_maxrss, is its own) on
+synthetic data shaped like the MARS test set (`upm_jax.evaluation.synthetic`): 12,180
+tracklets in 6 cameras, 1,980 queries (one per person and camera), 625 identities, 3,248
+distractors (pid 0) and 870 junk tracklets (pid -1).
 """
-import argparse
 import json
 import os
 import resource
@@ -17,57 +17,10 @@ import tracemalloc
 
 import numpy as np
 
-from upm_jax.evaluation.features import atomic_write, load_features, save_features
+from upm_jax.evaluation.features import load_features, save_features
 from upm_jax.evaluation.metrics import evaluate
 from upm_jax.evaluation.pooling import pool_tracklets
-
-MARS_TRACKLETS = 12180
-MARS_QUERIES = 1980
-MARS_IDS = 625
-MARS_DISTRACTORS = 3248
-MARS_JUNK = 870
-MARS_FRAMES = 681089
-MARS_CAMERAS = 6
-
-
-def synthetic_mars(*, parts=1, dim=1024, seed=0, tracklets=MARS_TRACKLETS, queries=MARS_QUERIES,
-                   ids=MARS_IDS, distractors=MARS_DISTRACTORS, junk=MARS_JUNK,
-                   cameras=MARS_CAMERAS, signal=1.8):
-    """Pooled features dict shaped like the MARS test set (paper protocol: gallery = all).
-
-    Each identity is seen in 2..cameras cameras (`queries` (person, camera) pairs in all),
-    with one query per pair; feature = identity centre + camera offset + unit noise,
-    normalised by the §7 rule; `signal` sets the difficulty.
-    """
-    rng = np.random.default_rng(seed)
-    labelled = tracklets - distractors - junk
-    if not ids * 2 <= queries <= ids * cameras or labelled < queries:
-        raise ValueError("synthetic_mars: inconsistent sizes")
-    n_cams = np.full(ids, 2)
-    for i in rng.choice(np.repeat(np.arange(ids), cameras - 2), queries - 2 * ids, replace=False):
-        n_cams[i] += 1
-    pair_pid = np.repeat(np.arange(1, ids + 1), n_cams)  # [queries]
-    pair_cam = np.concatenate([rng.choice(cameras, n, replace=False) + 1 for n in n_cams])
-    per_pair = 1 + rng.multinomial(labelled - queries, np.full(queries, 1.0 / queries))
-    pid = np.concatenate([np.repeat(pair_pid, per_pair), np.zeros(distractors, np.int64),
-                          np.full(junk, -1)]).astype(np.int32)
-    cam = np.concatenate([np.repeat(pair_cam, per_pair),
-                          rng.integers(1, cameras + 1, distractors + junk)]).astype(np.int32)
-    query = (np.cumsum(per_pair) - per_pair + rng.integers(0, per_pair)).astype(np.int32)
-    f = parts * dim
-    # identity signal scaled by f ** -0.25 keeps the difficulty similar for any size
-    centre = (signal * f ** -0.25) * rng.standard_normal((ids + 1, f), dtype=np.float32)
-    offset = (0.5 * signal * f ** -0.25) * rng.standard_normal((cameras + 1, f), dtype=np.float32)
-    feat = rng.standard_normal((tracklets, f), dtype=np.float32)
-    labelled_rows = pid > 0
-    feat[labelled_rows] += centre[pid[labelled_rows]]
-    feat += offset[cam]
-    feat = feat.reshape(tracklets, parts, dim)
-    feat /= np.linalg.norm(feat, axis=2, keepdims=True) * np.sqrt(parts)
-    feat = feat.reshape(tracklets, f)
-    feat /= np.linalg.norm(feat, axis=1, keepdims=True)
-    return {"track_feat": feat.reshape(tracklets, parts, dim), "pid": pid, "cam": cam,
-            "query": query, "gallery": np.arange(tracklets, dtype=np.int32)}
+from upm_jax.evaluation.synthetic import MARS_FRAMES, MARS_TRACKLETS, synthetic_mars
 
 
 def _peak_rss_mb():
@@ -164,11 +117,9 @@ _CASES = {"evaluate": (_prepare_evaluate, _case_evaluate),
 
 def _subprocess(name, step, parts, dim, workdir):
     """Run step 0 (prepare) or 1 (measure) of a case in a fresh interpreter; its stdout JSON."""
-    code = ("import json, sys; from upm_jax.evaluation import benchmark as b\n"
+    code = ("import json, sys; from upm_jax.benchmark import evaluation as b\n"
             f"print(json.dumps(b._CASES[{name!r}][{step}]({parts}, {dim}, {workdir!r})))\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case {name} {parts}x{dim} failed:\n{proc.stderr}")
@@ -197,22 +148,3 @@ def mars_size_benchmark(*, evaluate_sizes=((1, 1024), (8, 1280)), pooling_size=(
         if verbose:
             print(json.dumps(rec), flush=True)
     return records
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m upm_jax.evaluation.benchmark",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="DAL-size evaluate and rerank only")
-    parser.add_argument("--json", help="write the records to this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        records = mars_size_benchmark(evaluate_sizes=((1, 1024),), pooling_size=None,
-                                      rerank_sizes=((1, 1024),))
-    else:
-        records = mars_size_benchmark()
-    if args.json:
-        atomic_write(args.json, lambda f: json.dump(records, f, indent=1), mode="w")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""Decode + TF1-resize throughput of the host pipeline (called by tools/benchmark.py)."""
+"""Decode + TF1-resize throughput of the host pipeline (the `input` section of
+`python -m upm_jax.benchmark`)."""
 from __future__ import annotations
 
 import concurrent.futures

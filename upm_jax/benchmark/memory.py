@@ -1,7 +1,5 @@
-"""Peak memory of extraction and evaluation at MARS size (681,089 test frames).
-
-    nice python tools/mars_memory.py --workdir /tmp/mars_mem [--frames 681089]
-        [--lam-dim 2048 --gam-dim 512 --parts 8] [--dtype float16] [--json OUT]
+"""Peak memory of extraction and evaluation at MARS size (681,089 test frames): the
+`memory` section of `python -m upm_jax.benchmark`.
 
 Builds a synthetic test table shaped like MARS (12,180 tracklets in 6 cameras, 1,980
 queries; frames spread over the tracklets at random) whose frames are a few hundred tiny
@@ -15,10 +13,8 @@ peak RSS (ru_maxrss) is its own:
             tracklet chunk by chunk, as `--mode evaluate` does with
             eval.frame_features=False) and `evaluation.evaluate` of the result
 
-The features files (P x (lam+gam) x N x itemsize bytes in all) are deleted at the end
-unless --keep is given.
+The features files (P x (lam+gam) x N x itemsize bytes in all) are deleted at the end.
 """
-import argparse
 import json
 import os
 import shutil
@@ -27,19 +23,16 @@ import sys
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from upm_jax.evaluation.synthetic import MARS_FRAMES, MARS_TRACKLETS, synthetic_mars
 
-MARS_FRAMES = 681089
 IMAGES = 256
 IMAGE_SIZE = 32  # frames are 32 x 16: the stand-in model's cost does not matter here
 
 
 def synthetic_table(frames, seed=0):
     """(frame tracklet [N], tracklet pid [T], camera [T] 1-based, query, gallery) like MARS."""
-    from upm_jax.evaluation.benchmark import MARS_TRACKLETS, synthetic_mars
     proto = synthetic_mars(parts=1, dim=1, seed=seed)
     rng = np.random.default_rng(seed)
     t = MARS_TRACKLETS
@@ -89,9 +82,9 @@ def stage_extract(workdir, frames, parts, dims, dtype, batch):
     """Extract every frame with each stand-in model into `workdir/<name>.npz`."""
     import jax
     import jax.numpy as jnp
-    from upm_jax import extract, sharding
+    from upm_jax import extract, parallel
     dataset = _dataset(workdir, frames)
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     t0 = time.perf_counter()
     for i, (name, dim) in enumerate(zip(("lam", "gam"), dims)):
         model = _stand_in(parts, dim)
@@ -121,58 +114,38 @@ def stage_evaluate(workdir, frames, parts, dims, dtype, batch):
 STAGES = {"extract": stage_extract, "evaluate": stage_evaluate}
 
 
-def _run_stage(name, args):
+def _run_stage(name, workdir, frames, parts, dims, dtype, batch):
     """One stage in a fresh interpreter; its record with the stage's own peak RSS."""
-    code = ("import json, resource, sys\n"
-            f"sys.path.insert(0, {ROOT!r})\n"
-            "sys.path.insert(0, " + repr(os.path.join(ROOT, "tools")) + ")\n"
-            "import mars_memory as m\n"
-            f"rec = m.STAGES[{name!r}]({args.workdir!r}, {args.frames}, {args.parts}, "
-            f"({args.lam_dim}, {args.gam_dim}), {args.dtype!r}, {args.batch})\n"
+    code = ("import json, resource\n"
+            "from upm_jax.benchmark import memory as m\n"
+            f"rec = m.STAGES[{name!r}]({workdir!r}, {frames}, {parts}, {tuple(dims)!r}, "
+            f"{dtype!r}, {batch})\n"
             "rec['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
             "print(json.dumps(rec))\n")
     load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"stage {name} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"memory stage {name} failed:\n{proc.stderr[-4000:]}")
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    return dict(stage=name, frames=args.frames, features=f"{args.parts} x "
-                f"({args.lam_dim} + {args.gam_dim}) {args.dtype}",
+    return dict(stage=name, frames=frames, features=f"{parts} x ({dims[0]} + {dims[1]}) {dtype}",
                 load_average_1min_before=load, **record)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--frames", type=int, default=MARS_FRAMES)
-    parser.add_argument("--parts", type=int, default=8)
-    parser.add_argument("--lam-dim", type=int, default=2048)
-    parser.add_argument("--gam-dim", type=int, default=512)
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--stages", default="extract,evaluate")
-    parser.add_argument("--keep", action="store_true", help="keep the features files")
-    parser.add_argument("--json", help="write the records here")
-    args = parser.parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
+def mars_memory(workdir, *, frames=MARS_FRAMES, parts=8, dims=(2048, 512), dtype="float16",
+                batch=256, stages=("extract", "evaluate")):
+    """Runs the stages in `workdir` (created; its images and features files removed at the
+    end); returns one record per stage."""
+    os.makedirs(workdir, exist_ok=True)
     records = []
     try:
-        for name in args.stages.split(","):
-            records.append(_run_stage(name, args))
-            print(json.dumps(records[-1]), flush=True)
+        for name in stages:
+            records.append(_run_stage(name, workdir, frames, parts, dims, dtype, batch))
     finally:
-        if not args.keep:
-            for n in ("lam", "gam", "fused"):
-                for suffix in (".npz", ".paths.txt"):
-                    path = os.path.join(args.workdir, n + suffix)
-                    if os.path.exists(path):
-                        os.remove(path)
-            shutil.rmtree(os.path.join(args.workdir, "images"), ignore_errors=True)
-    if args.json:
-        from upm_jax.evaluation import atomic_write
-        atomic_write(args.json, lambda f: json.dump(records, f, indent=1), mode="w")
-
-
-if __name__ == "__main__":
-    main()
+        for n in ("lam", "gam", "fused"):
+            for suffix in (".npz", ".paths.txt"):
+                path = os.path.join(workdir, n + suffix)
+                if os.path.exists(path):
+                    os.remove(path)
+        shutil.rmtree(os.path.join(workdir, "images"), ignore_errors=True)
+    return records

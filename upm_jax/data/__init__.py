@@ -8,7 +8,7 @@ from upm_jax.data.readers import (LAYOUTS, SplitPlan, check_split_spec, inspect_
 from upm_jax.data.table import DatasetError, FrameTable, ReidDataset
 
 
-_PIPELINE = ("batch_indices", "TrainInput", "load_resident", "test_batches", "resident_batches")
+_PIPELINE = ("batch_indices", "TrainInput", "load_resident", "ordered_batches", "resident_batches")
 
 
 def __getattr__(name):

@@ -4,7 +4,7 @@ The camera of a tracklet comes from its frame names, in either naming of the rel
 `0001_C6_F0099_X30823.jpg` or the older `0001C6F0099X30823.jpg`. Tracklets are taken in
 (person folder, tracklet folder) order, frames by frame number. Test protocol (paper mode):
 the query folder's tracklets are the queries and the gallery is the whole test set
-(queries first, then the gallery folder), as design.md §7 prescribes.
+(queries first, then the gallery folder), as the papers' evaluation does.
 """
 from __future__ import annotations
 

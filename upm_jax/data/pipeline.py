@@ -4,7 +4,7 @@ Frames are decoded with Pillow in a thread pool and resized to (image_size, imag
 with TF1 bilinear semantics, rounded to uint8 (the train step maps uint8 to [-1, 1]).
 The training batch at step s is `batch_indices(seed, s, ...)`, a pure function of (seed, s),
 so a resumed run replays the same batches. Each process decodes only the rows of the global
-batch that its devices hold under the batch sharding (`upm_jax.sharding.process_rows`, not
+batch that its devices hold under the batch sharding (`upm_jax.parallel.process_rows`, not
 device order); they are assembled into global arrays sharded on the mesh's "data" axis.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from upm_jax import sharding as sharding_lib
+from upm_jax import parallel
 from upm_jax.data import images
 from upm_jax.data.table import FrameTable
 
-__all__ = ["batch_indices", "TrainInput", "load_resident", "resident_batches", "test_batches",
+__all__ = ["batch_indices", "TrainInput", "load_resident", "resident_batches", "ordered_batches",
            "decode_frames"]
 
 
@@ -55,11 +55,11 @@ def decode_frames(paths, image_size: int, pool: concurrent.futures.Executor) -> 
 
 def _local_rows(global_batch: int, mesh) -> np.ndarray:
     """The rows of every global batch this process decodes: int64 [rows]."""
-    n_data = int(mesh.shape[sharding_lib.DATA_AXIS])
+    n_data = int(mesh.shape[parallel.DATA_AXIS])
     if global_batch % n_data:
         raise ValueError(f"global batch {global_batch} must be divisible by the {n_data} devices "
                          f"of the mesh's 'data' axis")
-    return sharding_lib.process_rows(sharding_lib.batch_sharding(mesh), global_batch)
+    return parallel.process_rows(parallel.batch_sharding(mesh), global_batch)
 
 
 class TrainInput:
@@ -68,24 +68,21 @@ class TrainInput:
     `iterate(start_step)` yields {"image": uint8 [B,H,W,3], "track": int32 [B],
     "camera": int32 [B]} as global jax.Arrays sharded on the mesh's "data" axis, B = the
     global batch; step s always carries the frames `batch_indices(seed, s, N, B)`.
-    cache=True keeps every decoded frame in host memory (small sets). `local` holds the
-    rows of each global batch this process decodes (those its devices hold).
+    `local` holds the rows of each global batch this process decodes (those its devices
+    hold).
     """
 
     def __init__(self, table: FrameTable, *, global_batch: int, image_size: int, seed: int, mesh,
-                 prefetch: int = 2, num_threads: int | None = None, cache: bool = False):
+                 prefetch: int = 2, num_threads: int | None = None):
         if table.num_frames == 0:
             raise ValueError("TrainInput: the training table has no frames")
         self.table, self.global_batch, self.image_size = table, int(global_batch), int(image_size)
         self.seed, self.mesh, self.prefetch = int(seed), mesh, max(1, int(prefetch))
         self.num_threads = _threads(num_threads)
         self.local = _local_rows(self.global_batch, mesh)
-        self._sharding = sharding_lib.batch_sharding(mesh)
+        self._sharding = parallel.batch_sharding(mesh)
         self._track = table.track.astype(np.int32)
         self._camera = table.camera.astype(np.int32)
-        h, w = images.image_shape(self.image_size)
-        self._cache = np.zeros((table.num_frames, h, w, 3), np.uint8) if cache else None
-        self._cached = np.zeros(table.num_frames, bool) if cache else None
 
     def host_batch(self, step: int, pool: concurrent.futures.Executor | None = None) -> dict:
         """This process's numpy rows (`self.local`) of the batch at `step`."""
@@ -93,19 +90,12 @@ class TrainInput:
         if pool is None:
             with concurrent.futures.ThreadPoolExecutor(self.num_threads) as own:
                 return self.host_batch(step, own)
-        if self._cache is None:
-            image = decode_frames(self.table.path[rows], self.image_size, pool)
-        else:
-            todo = np.unique(rows[~self._cached[rows]])
-            if todo.size:
-                self._cache[todo] = decode_frames(self.table.path[todo], self.image_size, pool)
-                self._cached[todo] = True
-            image = self._cache[rows]
+        image = decode_frames(self.table.path[rows], self.image_size, pool)
         return {"image": image, "track": self._track[rows], "camera": self._camera[rows]}
 
     def _device_batch(self, step: int, pool) -> dict:
         host = self.host_batch(step, pool)
-        return {k: sharding_lib.from_process_rows(self._sharding, v, self.global_batch)
+        return {k: parallel.from_process_rows(self._sharding, v, self.global_batch)
                 for k, v in host.items()}
 
     def iterate(self, start_step: int = 0) -> Iterator[dict]:
@@ -149,7 +139,7 @@ def load_resident(table: FrameTable, image_size: int, mesh, *,
         multihost_utils.process_allgather(local, tiled=True))[:table.num_frames]
     host = {"image": image, "track": table.track.astype(np.int32),
             "camera": table.camera.astype(np.int32)}
-    replicated = sharding_lib.replicated(mesh)
+    replicated = parallel.replicated(mesh)
     return {k: jax.make_array_from_callback(v.shape, replicated, lambda idx, v=v: v[idx])
             for k, v in host.items()}
 
@@ -161,15 +151,15 @@ def resident_batches(num_frames: int, *, global_batch: int, seed: int, mesh,
     The same rows as TrainInput would decode at each step.
     """
     local = _local_rows(int(global_batch), mesh)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
+    batch_sharding = parallel.batch_sharding(mesh)
     step = int(start_step)
     while True:
         rows = batch_indices(seed, step, num_frames, global_batch)[local].astype(np.int32)
-        yield {"index": sharding_lib.from_process_rows(batch_sharding, rows, int(global_batch))}
+        yield {"index": parallel.from_process_rows(batch_sharding, rows, int(global_batch))}
         step += 1
 
 
-def test_batches(table: FrameTable, *, batch_size: int, image_size: int,
+def ordered_batches(table: FrameTable, *, batch_size: int, image_size: int,
                  num_threads: int | None = None, prefetch: int = 2,
                  sharding=None) -> Iterator[dict]:
     """Ordered stream covering every frame once: {"image", "index", "valid"} numpy batches.
@@ -177,13 +167,13 @@ def test_batches(table: FrameTable, *, batch_size: int, image_size: int,
     Global batch k holds rows k*batch_size ...; the last one is padded with zero images,
     index -1 and valid False. By default every call yields whole global batches; given the
     batch `sharding` it yields only this process's rows of each (image, index and valid
-    alike, `upm_jax.sharding.process_rows`), so each host decodes only its own frames and
+    alike, `upm_jax.parallel.process_rows`), so each host decodes only its own frames and
     the batch goes straight into `jax.make_array_from_process_local_data`.
     """
     if batch_size <= 0:
         raise ValueError(f"test batch size {batch_size} must be positive")
     local = (np.arange(batch_size) if sharding is None
-             else sharding_lib.process_rows(sharding, batch_size))
+             else parallel.process_rows(sharding, batch_size))
     h, w = images.image_shape(image_size)
     n = table.num_frames
     starts = range(0, n, batch_size)
@@ -204,6 +194,3 @@ def test_batches(table: FrameTable, *, batch_size: int, image_size: int,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-test_batches.__test__ = False  # a library function, not a pytest test, when imported into tests

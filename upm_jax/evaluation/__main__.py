@@ -9,10 +9,10 @@ import os
 import sys
 import warnings
 
-from upm_jax.evaluation.features import (FeaturesError, atomic_write, load_features,
-                                         montage_paths_file)
+from upm_jax.evaluation.features import FeaturesError, load_features, montage_paths_file
 from upm_jax.evaluation.metrics import evaluate_files
 from upm_jax.evaluation.plots import plot_cmc, plot_montage, rank_lists
+from upm_jax.files import atomic_write
 
 _COLUMNS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 

@@ -10,10 +10,11 @@ pooling 681,089 frames never holds them all in memory.
 """
 import os
 import struct
-import tempfile
 import zipfile
 
 import numpy as np
+
+from upm_jax.files import atomic_write
 
 FEATURE_KEYS = ("frame_feat", "track_feat")
 REQUIRED_KEYS = ("pid", "cam", "query", "gallery")
@@ -161,29 +162,6 @@ def validate_features(arrays, source="", check_values=True):
             _fail(source, "directions", "'both' ranks each side with the other, so 'query' and "
                                         "'gallery' must not share tracklets")
     return t
-
-
-def atomic_write(path, write, *, mode="wb"):
-    """Call write(file) on a temp file in `path`'s directory, then rename it onto `path`.
-
-    Readers never see a half-written file; the result gets the usual umask permissions.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(os.fspath(path))[1],
-                               dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_features(path, **arrays):

@@ -10,9 +10,10 @@ import shutil
 
 import numpy as np
 
-from upm_jax.evaluation.features import (FeaturesError, atomic_write, load_features,
-                                         montage_paths_file, save_features, save_frame_features)
+from upm_jax.evaluation.features import (FeaturesError, load_features, montage_paths_file,
+                                         save_features, save_frame_features)
 from upm_jax.evaluation.pooling import CHUNK_BYTES, TrackletPooler, chunk_rows, iter_chunks
+from upm_jax.files import atomic_write
 
 PROTOCOL_KEYS = ("frame_track", "pid", "cam", "query", "gallery")
 SCALAR_KEYS = ("directions",)   # how the protocol is scored, when the file says
@@ -51,7 +52,7 @@ def fuse_features(inputs, out_path, *, frame_level=True, pooling=None, num_parts
     """Fuse the per-frame features files `inputs` into the features file `out_path`.
 
     `frame_level`: write the fused per-frame features (else the tracklet-pooled ones,
-    §7 rule with `pooling`, default the first file's entry, else max). `num_parts`: the P
+    pooling rule (`pooling.tracklet_features`) with `pooling`, default the first file's entry, else max). `num_parts`: the P
     every input must have. The first input's montage paths file, when present, is copied
     next to `out_path`. Returns `out_path`.
     """

@@ -5,7 +5,8 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from upm_jax.evaluation.distances import pairwise_distances
-from upm_jax.evaluation.features import atomic_write, validate_features
+from upm_jax.evaluation.features import validate_features
+from upm_jax.files import atomic_write
 from upm_jax.evaluation.pooling import tracklet_features
 from upm_jax.evaluation.rerank import k_reciprocal_distances
 

@@ -1,4 +1,4 @@
-"""Frame features -> tracklet features (design §7), streamed in chunks of frames.
+"""Frame features -> tracklet features, streamed in chunks of frames.
 
 Per frame and part the [D] vector is L2-normalised and divided by sqrt(P); the
 tracklet's frames are max-pooled (default) or mean-pooled; the pooled [P*D] vector is
@@ -238,7 +238,7 @@ def tracklet_features_and_sqnorms(arrays, *, pooling=None, source=""):
     """(tracklet features [T, P*D] float32, their squared norms [T]) of a features dict.
 
     Pooled (`track_feat`) rows are used as given, up to one exact power-of-two scale when
-    their magnitude is extreme. Per-frame features are pooled by the §7 rule.
+    their magnitude is extreme. Per-frame features are pooled by the rule above.
     """
     t = arrays["pid"].shape[0]
     if "track_feat" in arrays:

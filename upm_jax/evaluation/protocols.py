@@ -3,7 +3,7 @@
 A features file's optional `directions` says it: "one" (default) ranks the gallery for
 every query, as PRID2011 (cam_a -> cam_b), MARS and DukeMTMC-VideoReID do; "both" also
 ranks the query set for every gallery tracklet and averages the two results, as uPMnet's
-`CMC_iLIDS_VID.m` scores iLIDS-VID (cam1 -> cam2 and cam2 -> cam1; design.md §7).
+`CMC_iLIDS_VID.m` scores iLIDS-VID (cam1 -> cam2 and cam2 -> cam1).
 """
 import numpy as np
 

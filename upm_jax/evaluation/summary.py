@@ -1,63 +1,92 @@
-"""Evaluation of a split from its features files alone: the models' per-frame features
-fused per part (LAM and GAM concatenated along D), evaluated, and the run's summary."""
+"""Where a split of a run is evaluated and the run summarised: the split's models'
+per-frame features fused per part (uPMnet: LAM and GAM concatenated along D) and
+evaluated, the per-split results averaged, written (results.json, cmc.png) and printed.
+
+NumPy only, like the rest of `upm_jax.evaluation`: it needs the features files, nothing
+that trained them.
+"""
 import json
 import os
 
-from upm_jax import evaluation
-from upm_jax.evaluation.features import atomic_write
-from upm_jax.experiment import ConfigError, num_parts
-from upm_jax.progress import say
+from upm_jax.evaluation.features import FeaturesError, load_features
+from upm_jax.evaluation.fusion import fuse_features
+from upm_jax.evaluation.metrics import evaluate, mean_results
+from upm_jax.evaluation.plots import plot_cmc
+from upm_jax.files import atomic_write
+
+_COLUMNS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 
 
-def _check_model_features(config, model_run, stem):
-    """The model's features file: present, per frame, with the run's part count."""
-    path = os.path.join(model_run.directory, f"{stem}.npz")
+def _check_model_features(path, num_parts):
+    """A model's features file: present, per frame, with the run's part count."""
     if not os.path.isfile(path):
-        raise ConfigError(f"no features file {path}: extract first (--mode extract or all)")
-    features = evaluation.load_features(path)
+        raise FeaturesError(f"no features file {path}: extract first (--mode extract or all)")
+    features = load_features(path)
     if "frame_feat" not in features:
-        raise evaluation.FeaturesError(f"{path}: expected per-frame features (frame_feat), as "
-                                       "--mode extract writes them")
+        raise FeaturesError(f"{path}: expected per-frame features (frame_feat), as "
+                            "--mode extract writes them")
     parts = features["frame_feat"].shape[1]
-    expected = num_parts(config, model_run.head)
-    if parts != expected:
-        raise ConfigError(
-            f"{path} holds features of {parts} parts, but the run's config has "
-            f"{expected} for its {model_run.name} model (config.model.n_part="
-            f"{config.model.n_part}); extract again (--mode extract) or use the workdir's "
-            "own config")
-    return path
+    if parts != num_parts:
+        raise FeaturesError(
+            f"{path} holds features of {parts} parts, but the run's config has {num_parts} "
+            "for this model (config.model.n_part; DAL has 1); extract again (--mode extract) "
+            "or use the workdir's own config")
 
 
-def evaluate_split(config, runs, split_dir, stem="features"):
-    """Fuses the split's models' `<stem>.npz` (per part, along D, chunk by chunk), writes
-    the evaluated file `split_dir/<stem>.npz` and returns its results."""
-    inputs = [_check_model_features(config, r, stem) for r in runs]
-    path = os.path.join(split_dir, f"{stem}.npz")
-    evaluation.fuse_features(inputs, path, frame_level=config.eval.frame_features,
-                             pooling=config.eval.pooling,
-                             num_parts=num_parts(config, runs[0].head))
-    results = evaluation.evaluate(evaluation.load_features(path),
-                                  distance=config.eval.distance, ap="both", source=path)
-    say(f"{os.path.basename(split_dir)}: evaluated {path} ({stem}): Rank-1 "
-        f"{results['paper']['rank1']:.2f}, mAP {results['paper']['mAP']:.2f} (paper mode)")
-    return results
+def evaluate_split(model_features, out_path, *, num_parts, frame_level, pooling, distance):
+    """Fuses the models' per-frame features files `model_features` (per part, along D,
+    chunk by chunk) into `out_path` and returns its results in both AP modes.
+
+    `frame_level`: keep per-frame features in `out_path` (else tracklet-pooled, for
+    MARS-size sets); `pooling`: max | mean over a tracklet's frames; `distance`:
+    euclidean | cosine.
+    """
+    for path in model_features:
+        _check_model_features(path, num_parts)
+    fuse_features(list(model_features), out_path, frame_level=frame_level, pooling=pooling,
+                  num_parts=num_parts)
+    return evaluate(load_features(out_path), distance=distance, ap="both", source=out_path)
 
 
 def summarize(per_split):
     """Per-split results plus their mean (ranks and mAP of both AP modes)."""
-    return dict(per_split, mean=evaluation.mean_results(list(per_split.values())))
+    return dict(per_split, mean=mean_results(list(per_split.values())))
 
 
-def write_summary(workdir, summary):
-    """DIR/results.json and DIR/cmc.png (the mean CMC, paper mode; the untrained
-    network's too when present)."""
-    path = os.path.join(workdir, "results.json")
+def write_summary(summary, results_path, plot_path):
+    """results.json at `results_path` and the mean CMC curve (paper mode; the untrained
+    network's too when present) at `plot_path`."""
     text = json.dumps(summary, indent=2)
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write(results_path, lambda f: f.write(text), mode="w")
     curves = {"trained": summary["mean"]["paper"]["cmc"]}
     if "initial" in summary:
         curves["initial"] = summary["initial"]["mean"]["paper"]["cmc"]
-    plot = os.path.join(workdir, "cmc.png")
-    evaluation.plot_cmc(curves, plot)
-    say(f"wrote {path} and {plot}")
+    plot_cmc(curves, plot_path)
+
+
+def _rows(summary, prefix=""):
+    for name, result in summary.items():
+        if name == "initial":
+            continue
+        for mode in ("paper", "standard"):
+            values = [result[mode][c] for c in _COLUMNS]
+            yield f"{prefix}{name}", mode, values
+
+
+def format_results(summary):
+    """The run's printed table: Rank-k and mAP (both AP modes) in percent, per split and
+    mean, before and after training when the untrained network was evaluated too."""
+    header = f"{'':<22}{'AP mode':<10}" + "".join(f"{c:>9}" for c in _COLUMNS)
+    lines = [header, "-" * len(header)]
+    sections = [("", summary)]
+    if "initial" in summary:
+        sections = [("initial ", summary["initial"]), ("trained ", summary)]
+    for prefix, part in sections:
+        for name, mode, values in _rows(part, prefix):
+            lines.append(f"{name:<22}{mode:<10}" + "".join(f"{v:>9.2f}" for v in values))
+    if "initial" in summary:
+        before, after = summary["initial"]["mean"]["paper"], summary["mean"]["paper"]
+        lines.append("")
+        lines.append(f"training changed Rank-1 by {after['rank1'] - before['rank1']:+.2f} points "
+                     f"and mAP by {after['mAP'] - before['mAP']:+.2f} points (paper mode)")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ def load_pretrained(variables, path: str, backbone: Optional[str] = None):
         raise PretrainedMismatchError(
             f"pretrained weights {path} are for backbone {meta['backbone']!r} (from "
             f"{meta.get('source', '?')}) but the model's backbone is {backbone!r}; port the "
-            f"{backbone} checkpoint (tools/port_weights.py) or set config.model.backbone")
+            f"{backbone} checkpoint (python -m upm_jax.porting) or set config.model.backbone")
     params = dict(variables["params"])
     model_flat: Dict[str, Any] = {
         "backbone/" + "/".join(k): v

@@ -9,7 +9,7 @@ from upm_jax.models import mobilenet_v1, resnet_v1
 from upm_jax.models.heads import GAM_DIM, DALHead, GlobalHead, LocalHead
 
 HEADS = ("dal", "local", "global")
-COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 class BackboneSpec(NamedTuple):
@@ -128,7 +128,7 @@ def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: in
         raise ValueError(f"backbone {backbone!r} has no depth multiplier; got "
                          f"depth_multiplier={depth_multiplier!r} (expected 1.0)")
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in COMPUTE_DTYPES]:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     if bn_decay is not None and not 0.0 <= float(bn_decay) < 1.0:
         raise ValueError(f"bn_decay must lie in [0, 1), got {bn_decay!r}")
     return ReidModel(backbone, head, int(n_part), float(depth_multiplier), jnp.dtype(dtype),

@@ -1,22 +1,20 @@
 """Convert a TF-slim ImageNet checkpoint to the .npz that ``config.model.pretrained`` points at.
 
-    python tools/port_weights.py --from slim mobilenet_v1_1.0_224.ckpt --out weights/mobilenet_v1.npz
-    python tools/port_weights.py --from slim resnet_v1_50.ckpt --out weights/resnet_v1_50.npz
+    python -m upm_jax.porting --from slim mobilenet_v1_1.0_224.ckpt --out weights/mobilenet_v1.npz
+    python -m upm_jax.porting --from slim resnet_v1_50.ckpt --out weights/resnet_v1_50.npz
 
 Needs neither TensorFlow nor JAX (see upm_jax.porting).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from upm_jax.porting.checkpoint import CheckpointFormatError  # noqa: E402
-from upm_jax.porting.slim import BACKBONES, PortError, port_checkpoint  # noqa: E402
+from upm_jax.porting.checkpoint import CheckpointFormatError
+from upm_jax.porting.slim import BACKBONES, PortError, port_checkpoint
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m upm_jax.porting",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", required=True, choices=["slim"],
                         help="checkpoint family (TF-slim)")
     parser.add_argument("checkpoint", metavar="CKPT_PREFIX",
@@ -28,7 +26,7 @@ def main(argv=None) -> int:
         p = port_checkpoint(args.checkpoint, args.out, args.backbone)
     except (CheckpointFormatError, PortError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{args.checkpoint}: {p.backbone}, restored {len(p.restore)} tensors, skipped "
           f"{len(p.skip)} -> {args.out}")
     return 0

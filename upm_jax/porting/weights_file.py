@@ -47,13 +47,13 @@ def load_weights(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise WeightsFileError(
             f"cannot read pretrained weights file {path}: not a valid .npz written by "
-            f"tools/port_weights.py ({type(e).__name__}: {e})") from e
+            f"python -m upm_jax.porting ({type(e).__name__}: {e})") from e
     meta = {k[len(META_PREFIX):]: str(v) for k, v in arrays.items() if k.startswith(META_PREFIX)}
     params = {k: v for k, v in arrays.items() if not k.startswith(META_PREFIX)}
     if "backbone" not in meta:
         raise WeightsFileError(
             f"{path} is not a ported-weights file: it has no '{META_PREFIX}backbone' entry "
-            f"(write it with tools/port_weights.py)")
+            f"(write it with python -m upm_jax.porting)")
     _check_values(path, params)
     return params, meta
 
@@ -66,7 +66,7 @@ def _check_values(path: str, params: Dict[str, np.ndarray]) -> None:
         raise WeightsFileError(
             f"pretrained weights file {path}: {len(wrong)} weight(s) are not real floating point: "
             f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; re-port the checkpoint "
-            "with tools/port_weights.py")
+            "with python -m upm_jax.porting")
     bad = sorted(k for k, v in params.items() if not np.isfinite(v).all())
     if bad:
         counts = ", ".join(f"{k} ({int((~np.isfinite(params[k])).sum())} of {params[k].size})"
@@ -74,4 +74,4 @@ def _check_values(path: str, params: Dict[str, np.ndarray]) -> None:
         raise WeightsFileError(
             f"pretrained weights file {path}: {len(bad)} weight(s) hold NaN or inf: {counts}"
             f"{' ...' if len(bad) > 5 else ''}; the file is damaged, re-port the checkpoint "
-            "with tools/port_weights.py")
+            "with python -m upm_jax.porting")

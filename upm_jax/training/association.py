@@ -1,4 +1,4 @@
-"""Anchor memory and the DAL / uPMnet association loss (design.md section 4).
+"""Anchor memory and the DAL / uPMnet association loss.
 
 Every training tracklet owns one row of two tables per part: ``intra`` (the
 intra-camera anchor) and ``cross`` (the cross-camera anchor). All cameras share one
@@ -31,7 +31,7 @@ them in no fixed order) with the same values as a scatter-add / scatter-update.
 
 Rankings compare |t|^2 - 2 q.t with the exact norm of each normalised row (1, or 0 for
 a zero row), so mathematically tied candidates tie exactly and resolve to the lowest
-row, as design.md requires (e.g. a zero row R ranked back against unit anchors).
+row, as the semantics require (e.g. a zero row R ranked back against unit anchors).
 
 Gradients follow the original TF graph: the negative's gradient goes to the selected
 anchor only (as ``top_k``), the hinge passes gradient at exactly zero (as

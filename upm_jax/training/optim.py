@@ -1,4 +1,4 @@
-"""Optimisers, schedules, L2 weight decay and EMA with the originals' TF1 semantics (design.md 5).
+"""Optimisers, schedules, L2 weight decay and EMA with the originals' TF1 semantics.
 
 TF1 ``RMSPropOptimizer(lr, decay=0.9, momentum=0.9, epsilon=1.0)`` updates
 

@@ -1,65 +1,25 @@
-"""TrainState, its creation on a mesh, and the jitted data-parallel association train step.
+"""The jitted data-parallel association training step.
 
-One step (design.md 3.5): uint8 images -> [-1, 1] -> forward with BN in training mode ->
-association loss on the *global* batch + L2 weight decay -> grads -> clip by value ->
-optimizer -> EMA of the trained params -> anchor-memory update. The state is replicated
-and donated; the batch is sharded on the mesh's "data" axis. Features are gathered to
-every device before the association, so the result does not depend on the device count.
+One step: uint8 images -> [-1, 1] -> forward with BN in training mode -> association loss
+on the *global* batch + L2 weight decay -> grads -> clip by value -> optimizer -> EMA of
+the trained params -> anchor-memory update. The state is replicated and donated; the
+batch is sharded on the mesh's "data" axis. Features are gathered to every device before
+the association, so the result does not depend on the device count.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from upm_jax import optim, sharding
-from upm_jax.association import AnchorMemory, associate_with_metrics
-from upm_jax.models import load_pretrained
+from upm_jax import parallel
+from upm_jax.training import optim
+from upm_jax.training.association import associate_with_metrics
+from upm_jax.training.state import TrainState, merge_params, under_scopes
 
 BATCH_KEYS = ("image", "track", "camera")
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything one training run carries from step to step (a pytree orbax can save).
-
-    params: trained params; frozen_params: params under the frozen scopes (never updated);
-    batch_stats: BN moving statistics (those under frozen scopes are never updated);
-    ema_params: EMA of ``params`` (for extraction, with frozen_params and batch_stats);
-    memory: the anchor memory; rng: a raw uint32 [2] key, for stochastic layers.
-    """
-
-    step: jax.Array  # int32 []
-    params: Any
-    frozen_params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any
-    memory: AnchorMemory
-    rng: jax.Array
-
-
-def _under(key: Tuple[str, ...], scopes) -> bool:
-    return any(tuple(key[:len(s)]) == tuple(s) for s in scopes)
-
-
-def split_frozen(tree, frozen_scopes: Sequence[Sequence[str]]):
-    """(trained, frozen): the leaves of a nested dict outside / under any frozen path prefix."""
-    flat = traverse_util.flatten_dict(dict(tree))
-    trained = {k: v for k, v in flat.items() if not _under(k, frozen_scopes)}
-    frozen = {k: v for k, v in flat.items() if _under(k, frozen_scopes)}
-    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(trained, frozen):
-    """Inverse of ``split_frozen``."""
-    flat = traverse_util.flatten_dict(dict(trained))
-    flat.update(traverse_util.flatten_dict(dict(frozen)))
-    return traverse_util.unflatten_dict(flat)
 
 
 def _keep_frozen(new, old, frozen_scopes):
@@ -69,77 +29,14 @@ def _keep_frozen(new, old, frozen_scopes):
     flat_new = traverse_util.flatten_dict(dict(new))
     flat_old = traverse_util.flatten_dict(dict(old))
     return traverse_util.unflatten_dict(
-        {k: flat_old[k] if _under(k, frozen_scopes) else v for k, v in flat_new.items()})
-
-
-def init_variables(model, rng, *, image_shape, mesh, pretrained=None):
-    """The model's initial variables, replicated on ``mesh`` (the one place a model is
-    initialised: training states, the untrained network's features, shape queries).
-
-    ``pretrained``: a ported weights file merged strictly into the backbone
-    (``upm_jax.models.load_pretrained``); the merged tree is placed replicated again, so
-    later jits see one device set whatever the device count.
-    """
-    height, width = image_shape
-    replicated = sharding.replicated(mesh)
-
-    def init(key):
-        return model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
-
-    variables = jax.jit(init, out_shardings=replicated)(rng)
-    if pretrained:
-        variables = jax.device_put(
-            load_pretrained(variables, pretrained, backbone=model.backbone_name), replicated)
-    return variables
-
-
-def abstract_variables(model, *, image_shape, mesh):
-    """Shapes, dtypes and (replicated) shardings of ``init_variables``, computing nothing."""
-    height, width = image_shape
-    replicated = sharding.replicated(mesh)
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3), jnp.float32), train=False))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        shapes)
-
-
-def create_train_state(model, rng, *, image_shape, tx, memory: AnchorMemory, mesh,
-                       pretrained=None, frozen_scopes=None) -> TrainState:
-    """Initial TrainState, replicated on ``mesh``.
-
-    The variables come from ``init_variables`` (with the ``pretrained`` backbone when
-    given); the state is built from them by one jit with replicated out_shardings.
-    ``frozen_scopes`` defaults to ``model.frozen_scopes``. The EMA starts at the initial
-    params.
-    """
-    frozen_scopes = tuple(model.frozen_scopes if frozen_scopes is None else frozen_scopes)
-    replicated = sharding.replicated(mesh)
-    rng = jnp.asarray(rng)
-    if rng.dtype != jnp.uint32 or rng.shape != (2,):
-        raise ValueError(f"create_train_state: rng must be a raw key (jax.random.PRNGKey), uint32 [2]; "
-                         f"got {rng.dtype} {rng.shape}")
-
-    def build(variables, memory, key):
-        params, frozen = split_frozen(variables["params"], frozen_scopes)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, frozen_params=frozen,
-            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-            # a real copy: the step donates the state, and one buffer cannot be donated twice
-            ema_params=jax.tree.map(lambda p: p + jnp.zeros_like(p), params),
-            memory=memory, rng=key)
-
-    variables = init_variables(model, rng, image_shape=image_shape, mesh=mesh,
-                               pretrained=pretrained)
-    abstract_state = jax.eval_shape(build, variables, memory, rng)
-    out_shardings = jax.tree.map(lambda _: replicated, abstract_state)
-    return jax.jit(build, out_shardings=out_shardings)(variables, memory, rng)
+        {k: flat_old[k] if under_scopes(k, frozen_scopes) else v for k, v in flat_new.items()})
 
 
 def _check_partition(state: TrainState, frozen_scopes) -> None:
     """Trace-time check that the state was split with the same frozen scopes as the step."""
     trained = traverse_util.flatten_dict(dict(state.params))
     frozen = traverse_util.flatten_dict(dict(state.frozen_params))
-    wrong = [k for k in trained if _under(k, frozen_scopes)] + [k for k in frozen if not _under(k, frozen_scopes)]
+    wrong = [k for k in trained if under_scopes(k, frozen_scopes)] + [k for k in frozen if not under_scopes(k, frozen_scopes)]
     if wrong:
         raise ValueError(f"train step: frozen_scopes={frozen_scopes!r} do not match how the state was "
                          f"split (e.g. param {'/'.join(wrong[0])}); create the state with the same "
@@ -166,8 +63,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
     constant, as the original's regularisation loss did; only trained ones get gradient).
     """
     frozen_scopes = tuple(tuple(s) for s in frozen_scopes)
-    replicated = sharding.replicated(mesh)
-    data = sharding.batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
+    data = parallel.batch_sharding(mesh)
     num_devices = mesh.devices.size
 
     def train(state: TrainState, image, track, camera):
@@ -181,8 +78,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
         def loss_fn(params):
             variables = {"params": merge_params(params, state.frozen_params),
                          "batch_stats": state.batch_stats}
-            feats, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                         rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
+            feats, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
             feats = jax.lax.with_sharding_constraint(feats, replicated)  # [B, P, D], global batch
             assoc, memory, aux = associate_with_metrics(state.memory, feats, track, camera,
                                                         margin=margin, eta=eta, cross_on=cross_on)

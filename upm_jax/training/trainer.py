@@ -1,5 +1,11 @@
-"""Training of one model: skip when finished, resume, loop, checkpoints, divergence guard."""
+"""Where a model's trainer is built (model, optimizer, state, step) from a config, and where
+it is trained: resume, the loop, checkpoints, the divergence guard.
+
+`make_trainer` is the one factory: the run's training stage, `upm_jax.benchmark` and the
+tests all train with exactly the config's hyper-parameters through it.
+"""
 import collections
+import math
 import os
 import time
 
@@ -8,15 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from upm_jax import checkpoint as checkpoint_lib
-from upm_jax import experiment
-from upm_jax import extract as extract_lib
-from upm_jax import metrics_writer
-from upm_jax import sharding
-from upm_jax import train as train_lib
-from upm_jax import trainer as trainer_lib
-from upm_jax.association import AnchorMemory
+from upm_jax import checkpoints as checkpoints_lib
+from upm_jax import config as config_lib
+from upm_jax import data as data_lib
+from upm_jax import extract
+from upm_jax import methods
+from upm_jax import parallel
 from upm_jax.progress import say
+from upm_jax.training import metrics as metrics_lib
+from upm_jax.training import optim
+from upm_jax.training import state as state_lib
+from upm_jax.training import step as step_lib
+from upm_jax.training.association import AnchorMemory
 
 # Losses the divergence guard's running median looks back over.
 MEDIAN_WINDOW = 100
@@ -26,42 +35,119 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights ran away; nothing was saved from that step on."""
 
 
-def finished_step(model_run, config):
+def schedule_lengths(config, num_frames):
+    """Steps per epoch and the cross-association start step, as the originals."""
+    per_epoch = num_frames / config.train.batch_size
+    cross_start = math.floor(num_frames / config.train.batch_size) * config.train.warm_up_epochs
+    return per_epoch, int(cross_start)
+
+
+class Trainer:
+    """Everything one model's training needs: model, optimizer, state and step.
+
+    `table` is the training FrameTable (its size sets the schedule, its tracklets the anchor
+    memory); nothing is decoded until `load_resident` (resident configs) or `batches`.
+    """
+
+    def __init__(self, config, head, table, mesh, *, pretrained=None):
+        self.config = config
+        self.mesh = mesh
+        self.table = table
+        self.model = methods.build_model(config, head)
+        self.num_frames = table.num_frames
+        steps_per_epoch, self.cross_start = schedule_lengths(config, self.num_frames)
+        self.tx, self.schedule = optim.make_optimizer(
+            config.train.optimizer, learning_rate=config.train.learning_rate,
+            learning_rate_2=config.train.learning_rate_2, steps_per_epoch=steps_per_epoch,
+            total_steps=config.train.steps, decay_rate=config.train.lr_decay_rate,
+            decay_epochs=config.train.lr_decay_epochs)
+        self.image_shape = methods.image_shape(config)
+        feature = jax.eval_shape(
+            lambda: self.model.init_with_output(
+                jax.random.PRNGKey(0), jnp.zeros((1, *self.image_shape, 3)), train=False)[0])
+        _, num_parts, dim = feature.shape  # [1, P, D]
+        memory = AnchorMemory.zeros(table.tracklets_per_camera, num_parts, dim)
+        self.state = state_lib.create_train_state(
+            self.model, jax.random.PRNGKey(config.seed), image_shape=self.image_shape,
+            tx=self.tx, memory=memory, mesh=mesh, pretrained=pretrained or None)
+        self.step_fn = step_lib.make_train_step(
+            self.model, self.tx, self.schedule, mesh=mesh, margin=config.train.margin,
+            eta=config.train.eta, weight_decay=config.train.weight_decay,
+            clip=config.train.clip, ema_decay=config.train.ema_decay,
+            cross_start_step=self.cross_start, frozen_scopes=self.model.frozen_scopes)
+        self.resident = None
+
+    def load_resident(self):
+        """Decodes the training frames onto the devices (config.data.resident)."""
+        self.resident = data_lib.load_resident(self.table, self.config.data.image_size,
+                                               self.mesh)
+
+    def batches(self, start_step):
+        """Yields the batch of each step from `start_step` on (a function of seed and step)."""
+        config = self.config
+        if self.resident is None:
+            yield from data_lib.TrainInput(
+                self.table, global_batch=config.train.batch_size,
+                image_size=config.data.image_size, seed=config.seed,
+                mesh=self.mesh).iterate(start_step)
+            return
+        yield from data_lib.resident_batches(
+            self.num_frames, global_batch=config.train.batch_size, seed=config.seed,
+            mesh=self.mesh, start_step=start_step)
+
+    def step(self, batch):
+        """One training step; returns its device metrics."""
+        if self.resident is None:
+            self.state, metrics = self.step_fn(self.state, batch)
+        else:
+            self.state, metrics = self.step_fn(self.state, batch, self.resident)
+        return metrics
+
+
+def make_trainer(config, head, table, mesh, *, load_weights=True):
+    """The trainer of one model; `load_weights=False` skips the ImageNet file (a resumed
+    run restores every weight from its checkpoint; a benchmark times, never learns)."""
+    pretrained = config.model.pretrained if load_weights else None
+    return Trainer(config, head, table, mesh, pretrained=pretrained)
+
+
+def finished_step(model_dir, config):
     """The model's newest checkpoint step when it has reached config.train.steps, else None
     (cheap: reads only the checkpoint folder's names, the same on every process)."""
-    step = checkpoint_lib.latest_saved_step(model_run.directory)
+    step = model_dir.latest_step()
     return step if step is not None and step >= config.train.steps else None
 
 
-def train_model(config, dataset, model_run, mesh):
-    """Trains (or resumes) one model until `config.train.steps`, checkpointing as it goes.
-    A finished model is skipped before anything is built or decoded."""
-    where = f"split {model_run.split} {model_run.name}"
-    done = finished_step(model_run, config)
+def train_model(config, dataset, model_dir, mesh):
+    """Trains (or resumes) the model of `model_dir` (a workdir.ModelDir) until
+    `config.train.steps`, checkpointing as it goes. A finished model is skipped before
+    anything is built or decoded."""
+    where = model_dir.label
+    done = finished_step(model_dir, config)
     if done is not None:
-        say(f"{where}: already trained ({done} steps in {model_run.directory}), skipping")
+        say(f"{where}: already trained ({done} steps in {model_dir.path}), skipping")
         return
-    os.makedirs(model_run.directory, exist_ok=True)
-    checkpoints = checkpoint_lib.Checkpoints(model_run.directory,
-                                             keep=config.train.keep_checkpoints)
+    os.makedirs(model_dir.path, exist_ok=True)
+    checkpoints = checkpoints_lib.Checkpoints(model_dir.checkpoints,
+                                              keep=config.train.keep_checkpoints)
     try:
         start = checkpoints.latest_step()
         if start is None:
-            experiment.check_weights(config)
-        trainer = trainer_lib.make_trainer(config, model_run.head, dataset.train, mesh,
-                                           load_weights=start is None)
+            config_lib.check_weights(config)
+        trainer = make_trainer(config, model_dir.head, dataset.train, mesh,
+                               load_weights=start is None)
         if start is not None:
-            trainer.state = checkpoints.restore(checkpoint_lib.abstract_like(trainer.state))
+            trainer.state = checkpoints.restore(checkpoints_lib.abstract_like(trainer.state))
             say(f"{where}: resuming from the checkpoint of step {start} in "
                 f"{checkpoints.directory}")
         else:
             start = 0
-            say(f"{where}: training {config.train.steps} steps into {model_run.directory}")
+            say(f"{where}: training {config.train.steps} steps into {model_dir.path}")
             if config.train.anchor_init == "features":
                 trainer.state = _init_anchors_from_features(config, dataset, trainer, mesh)
         if config.data.resident:
             trainer.load_resident()
-        writer = metrics_writer.MetricsWriter(model_run.directory)
+        writer = metrics_lib.MetricsWriter(model_dir.metrics, model_dir.tensorboard)
         try:
             _train_loop(config, trainer, checkpoints, writer, start, where)
         finally:
@@ -69,7 +155,7 @@ def train_model(config, dataset, model_run, mesh):
     finally:
         checkpoints.close()
     say(f"{where}: trained; checkpoints in {checkpoints.directory}, scalars in "
-        f"{os.path.join(model_run.directory, 'metrics.jsonl')}")
+        f"{model_dir.metrics}")
 
 
 class DivergenceGuard:
@@ -144,12 +230,12 @@ def _train_loop(config, trainer, checkpoints, writer, start, where):
 
 def _init_anchors_from_features(config, dataset, trainer, mesh):
     """Anchors initialised from a first pass of the initial network over the train frames."""
-    variables = {"params": train_lib.merge_params(trainer.state.params,
+    variables = {"params": state_lib.merge_params(trainer.state.params,
                                                   trainer.state.frozen_params),
                  "batch_stats": trainer.state.batch_stats}
-    feats = extract_lib.extract_frame_features(
-        trainer.model, variables, dataset.train, mesh=mesh, batch_size=experiment.extraction_batch(config, mesh),
-        image_size=config.data.image_size)
+    feats = extract.extract_frame_features(
+        trainer.model, variables, dataset.train, mesh=mesh,
+        batch_size=extract.extraction_batch(config, mesh), image_size=config.data.image_size)
     memory = AnchorMemory.from_features(
         trainer.state.memory, feats, dataset.train.track, dataset.train.camera)
-    return trainer.state.replace(memory=jax.device_put(memory, sharding.replicated(mesh)))
+    return trainer.state.replace(memory=jax.device_put(memory, parallel.replicated(mesh)))
