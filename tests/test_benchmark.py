@@ -2,7 +2,11 @@
 itself is measured by running the tool, never asserted here)."""
 import json
 
+import pytest
+
 from upm_jax.benchmark import __main__ as benchmark
+
+pytestmark = pytest.mark.slow
 
 
 def test_train_and_extract_rows(tmp_path):

@@ -14,6 +14,8 @@ import pathlib
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("tf_slim")
 pytest.importorskip("tf_keras")
 

@@ -15,6 +15,8 @@ import pytest
 
 from upm_jax import data
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("tf_slim")
 pytest.importorskip("tf_keras")
 

@@ -70,6 +70,7 @@ def staged(tmp_path_factory):
     return workdir, flags_
 
 
+@pytest.mark.slow
 def test_staged_modes_write_every_artifact(staged):
     workdir, _ = staged
     model_dir = os.path.join(workdir, "split_1", "lam")
@@ -90,6 +91,7 @@ def test_staged_modes_write_every_artifact(staged):
     assert results["mean"]["paper"]["rank1"] == results["split_1"]["paper"]["rank1"]
 
 
+@pytest.mark.slow
 def test_mode_all_equals_staged_modes(staged, tmp_path, capsys):
     workdir, flags_ = staged
     cli_run(str(tmp_path), *flags_)
@@ -100,6 +102,7 @@ def test_mode_all_equals_staged_modes(staged, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "cmc.png")
 
 
+@pytest.mark.slow
 def test_demo_reports_initial_network_once(tmp_path, capsys):
     args = [*TINY, "--config.train.steps=2", "--config.train.checkpoint_every=2"]
     cli_run(str(tmp_path), *args)
@@ -117,6 +120,7 @@ def test_demo_reports_initial_network_once(tmp_path, capsys):
     assert json.load(open(tmp_path / "results.json")) == results
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     args = [*TINY, "--mode=train", "--config.train.steps=40",
             "--config.train.checkpoint_every=10"]
@@ -208,6 +212,7 @@ def test_paper_config_without_weights_explains_conversion(tmp_path, capsys):
     assert "python -m upm_jax.porting" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_exit_status_contract_of_the_real_command(tmp_path):
     """The one subprocess test: a user's mistake exits 2 with one error line, no traceback."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

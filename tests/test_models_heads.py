@@ -135,6 +135,7 @@ def gam_setup():
     return model, images, variables
 
 
+@pytest.mark.slow
 def test_gam_relation_frozen_by_default(gam_setup):
     model, images, variables = gam_setup
     assert model.frozen_scopes == (("head", "Logits"),)
@@ -165,6 +166,7 @@ def test_gam_relation_frozen_by_default(gam_setup):
     assert np.abs(np.asarray(moved)).max() > 0
 
 
+@pytest.mark.slow
 def test_gam_train_relation_switch(gam_setup):
     _, images, variables = gam_setup
     model = build_model("mobilenet_v1", "global", n_part=3, depth_multiplier=0.25,
@@ -193,6 +195,7 @@ def test_batchnorm_follows_tf_fused_semantics():
     np.testing.assert_allclose(new["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_features():
     images = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, 64, 32, 3)), jnp.float32)
     m32 = build_model("mobilenet_v1", "local", n_part=2, depth_multiplier=0.25)
@@ -235,6 +238,7 @@ def test_rejects_non_rgb_images():
         model.init(jax.random.key(0), jnp.zeros((2, 64, 32, 1)))
 
 
+@pytest.mark.slow
 def test_bn_decay_override_sets_the_moving_average_rate():
     """build_model(bn_decay=d): one training step moves the moving mean by (1 - d)."""
     x = jnp.asarray(np.random.default_rng(0).normal(2.0, 1.0, (4, 64, 32, 3)), jnp.float32)

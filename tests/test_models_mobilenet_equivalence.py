@@ -22,6 +22,8 @@ import slim_synthetic as syn
 from upm_jax.models.mobilenet_v1 import SEPARABLE_LAYERS
 from upm_jax.porting.weights_file import load_weights
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 LAYERS = ["Conv2d_0"] + [f"Conv2d_{i}_{kind}" for i in range(1, 14)
                          for kind in ("depthwise", "pointwise")]

@@ -21,6 +21,7 @@ def setup():
     return model, variables, weights
 
 
+@pytest.mark.slow
 def test_loads_backbone_and_leaves_the_rest(setup, tmp_path):
     _, variables, weights = setup
     path = str(tmp_path / "w.npz")

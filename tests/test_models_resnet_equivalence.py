@@ -22,7 +22,8 @@ from upm_jax.porting.weights_file import load_weights
 SIZES = [(224, 224), (256, 128), (225, 161)]
 TOL = 1e-5
 # tf_slim builds its layers through TF's deprecated v1 layer API.
-pytestmark = pytest.mark.filterwarnings("ignore:`layer.apply` is deprecated:UserWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`layer.apply` is deprecated:UserWarning")]
 
 
 @pytest.fixture(scope="module")

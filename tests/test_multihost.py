@@ -109,6 +109,7 @@ def _read_json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_devices(runs):
     single, multi = runs["single"], runs["multi"]
     results = _read_json(os.path.join(multi, "results.json"))

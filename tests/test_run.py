@@ -72,6 +72,7 @@ def copy_of_trained(trained, tmp_path):
     return workdir
 
 
+@pytest.mark.slow
 def test_upm_trains_lam_and_gam_and_fuses_per_part(upm_two_splits):
     workdir, _ = upm_two_splits
     lam = np.load(os.path.join(workdir, "split_1", "lam", "features.npz"))["frame_feat"]
@@ -81,6 +82,7 @@ def test_upm_trains_lam_and_gam_and_fuses_per_part(upm_two_splits):
     np.testing.assert_array_equal(fused, np.concatenate([lam, gam], axis=-1))
 
 
+@pytest.mark.slow
 def test_splits_are_reported_with_their_mean(upm_two_splits):
     workdir, results = upm_two_splits
     assert set(results) == {"split_1", "split_2", "mean"}
@@ -95,6 +97,7 @@ def test_splits_are_reported_with_their_mean(upm_two_splits):
     assert again["paper"]["mAP"] == pytest.approx(results["split_2"]["paper"]["mAP"])
 
 
+@pytest.mark.slow
 def test_mat_export_matches_the_features_file(upm_two_splits):
     workdir, _ = upm_two_splits
     model_dir = os.path.join(workdir, "split_1", "lam")
@@ -108,6 +111,7 @@ def test_mat_export_matches_the_features_file(upm_two_splits):
     assert set(np.unique(cams)) == {1.0, 2.0}
 
 
+@pytest.mark.slow
 def test_pooled_feature_files_evaluate_like_frame_files(copy_of_trained):
     workdir = copy_of_trained
     config = Workdir(workdir).read_record()
@@ -129,6 +133,7 @@ def test_the_record_holds_resolved_paths(trained):
     assert "{workdir}" not in json.dumps(record)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value", [("train__batch_size", 8), ("data__image_size", 32),
                                           ("seed", 3), ("model__n_part", 3)])
 def test_a_changed_model_field_is_refused_and_the_record_kept(copy_of_trained, field, value):
@@ -146,6 +151,7 @@ def test_a_changed_model_field_is_refused_and_the_record_kept(copy_of_trained, f
     assert open(os.path.join(workdir, "config.json"), "rb").read() == before
 
 
+@pytest.mark.slow
 def test_overwritten_record_with_another_model_is_a_clear_checkpoint_error(copy_of_trained):
     workdir = copy_of_trained
     config = tiny_config(model__depth_multiplier=0.5, train__steps=4)
@@ -157,6 +163,7 @@ def test_overwritten_record_with_another_model_is_a_clear_checkpoint_error(copy_
                                   parallel.make_mesh())
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_continues_from_the_checkpoint(copy_of_trained, capsys):
     workdir = copy_of_trained
     run.run(tiny_config(train__steps=3), workdir, mode="train", overwrite=True)
@@ -176,6 +183,7 @@ def test_a_finished_model_is_skipped_before_anything_is_built(copy_of_trained, m
     assert "already trained (2 steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_extract_and_evaluate_need_only_the_workdir_and_test_frames(trained, copy_of_trained):
     workdir = copy_of_trained
     split_dir = os.path.join(workdir, "split_1")
@@ -200,6 +208,7 @@ def test_extract_and_evaluate_need_only_the_workdir_and_test_frames(trained, cop
     assert results == trained[1]
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_features_file_of_another_part_count(copy_of_trained):
     workdir = copy_of_trained
     path = os.path.join(workdir, "split_1", "lam", "features.npz")
@@ -213,6 +222,7 @@ def test_evaluate_refuses_a_features_file_of_another_part_count(copy_of_trained)
     assert open(os.path.join(workdir, "results.json"), "rb").read() == before
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_locked_workdir_is_refused(copy_of_trained):
     workdir = copy_of_trained
     with Workdir(workdir).lock():
@@ -222,6 +232,7 @@ def test_a_second_run_in_a_locked_workdir_is_refused(copy_of_trained):
             run.run(None, workdir, mode="evaluate")
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over(copy_of_trained, capsys):
     workdir = copy_of_trained
     with open(Workdir(workdir).lock_file, "w") as f:
@@ -231,6 +242,7 @@ def test_a_stale_lock_is_taken_over(copy_of_trained, capsys):
     assert "pid 999999999 on host gone" not in open(Workdir(workdir).lock_file).read()
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_error_keeping_the_old_one(copy_of_trained,
                                                                       monkeypatch):
     workdir = copy_of_trained
@@ -250,6 +262,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_keeping_the_old_one(copy_of_tr
     assert steps == ["2"]
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     """A learning rate of 1e30 blows the weights up after the first update: the run must
     stop naming the first diverged step, having saved nothing at or after it."""
@@ -264,6 +277,7 @@ def test_diverging_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path)
     assert saved == list(range(1, bad_step))
 
 
+@pytest.mark.slow
 def test_a_finite_explosion_of_the_loss_stops_the_run(tmp_path):
     """lr 1e12 makes the loss huge but finite: the running-median guard stops it before
     the first checkpoint, and says that no checkpoint exists."""

@@ -119,7 +119,8 @@ MODELS = {
 GROUPS = ("params", "ema_params", "batch_stats", "memory", "opt_state")
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=[
+    "tiny", pytest.param("mobilenet_gam", marks=pytest.mark.slow)])
 def case(request):
     make, image, batch, steps = MODELS[request.param]
     return dict(name=request.param, model=make(), image=image, batch=batch, steps=steps)
@@ -278,6 +279,7 @@ def test_state_is_donated_and_bad_batches_are_rejected():
                               frozen_scopes=())(state, parallel.global_batch(batch, mesh))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["local", "global"])
 def test_real_mobilenet_steps(head):
     mesh = parallel.make_mesh()
@@ -299,6 +301,7 @@ def test_real_mobilenet_steps(head):
     assert np.abs(final.memory.intra).max() > 0
 
 
+@pytest.mark.slow
 def test_create_train_state_loads_pretrained_backbone(tmp_path):
     from upm_jax.porting.weights_file import save_weights
 
@@ -336,6 +339,7 @@ def test_create_train_state_loads_pretrained_backbone(tmp_path):
     assert feats.shape == (8, 2, model.feature_dim)
 
 
+@pytest.mark.slow
 def test_trainer_factory_uses_the_config_hyper_parameters():
     from repo_configs import get_config
     from upm_jax.training import trainer as trainer_lib

@@ -65,6 +65,7 @@ def test_cam_from_gradient_is_the_rule():
     np.testing.assert_array_equal(dark, np.zeros((1, 2, 2)))
 
 
+@pytest.mark.slow
 def test_lam_cams_at_the_final_map_match_the_analytic_gradient():
     # LAM part p = mean over stripe p of the final map, so d(mean_d part_p)/d(map) is
     # 1 / (C * rows * w) on stripe p and 0 elsewhere (the third row is dropped: 3 // 2 = 1).
@@ -182,6 +183,7 @@ def test_endpoints_by_slim_name_and_a_clear_error_for_others():
         visualize.resolve_endpoint(mobilenet, "resnet_v1_50/block4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mobilenet_v1", "resnet_v1_50"])
 def test_every_endpoint_is_the_map_its_module_returns(backbone):
     # Traced only (no compilation): the perturbed module must return exactly the endpoint
@@ -255,6 +257,7 @@ def upm_workdir(tmp_path_factory):
     return workdir, states, frames[:2], config
 
 
+@pytest.mark.slow
 def test_cli_draws_the_gam_model_with_its_ema_weights(upm_workdir, tmp_path, capsys):
     workdir, states, frames, config = upm_workdir
     out = str(tmp_path / "cam.png")
@@ -285,6 +288,7 @@ def test_cli_draws_the_gam_model_with_its_ema_weights(upm_workdir, tmp_path, cap
     assert np.abs(drawn["cams"] - cams_of(state.params)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_cli_defaults_to_the_first_model_and_the_last_map(upm_workdir, tmp_path, capsys):
     workdir, _, frames, _ = upm_workdir
     assert visualize.main(["--workdir", workdir, frames[0], "--out",
@@ -293,6 +297,7 @@ def test_cli_defaults_to_the_first_model_and_the_last_map(upm_workdir, tmp_path,
         capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,expected", [
     (["--layer", "Conv2d_99"], "'Conv2d_99' is not an endpoint of mobilenet_v1; expected one "
                                "of: Conv2d_0, Conv2d_1_depthwise"),
