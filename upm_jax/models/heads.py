@@ -88,13 +88,15 @@ class GlobalHead(nn.Module):
     bn_epsilon: float = 1e-5
     train_relation: bool = False
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"   # layers.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x, train: bool):
         parts = stripe_pool(x, self.n_part)  # [B, P, C]
         whole = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, C]
         return _Relation(self.n_part, self.kernel_init, self.bn_decay, self.bn_epsilon,
-                         self.train_relation, self.dtype, name="Logits")(parts, whole, train)
+                         self.train_relation, self.dtype, self.conv_impl,
+                         name="Logits")(parts, whole, train)
 
 
 class _Relation(nn.Module):
@@ -106,6 +108,7 @@ class _Relation(nn.Module):
     bn_epsilon: float
     train_relation: bool
     dtype: Any
+    conv_impl: str
 
     @nn.compact
     def __call__(self, parts, whole, train: bool):
@@ -122,6 +125,7 @@ class _Relation(nn.Module):
             r = ConvBN(GAM_DIM, 1, activation=nn.relu6, kernel_init=self.kernel_init,
                        bn_decay=self.bn_decay, bn_epsilon=self.bn_epsilon,
                        bn_track_stats=self.train_relation, dtype=self.dtype,
+                       conv_impl=self.conv_impl,
                        name=f"relation_{i}")(jnp.concatenate([p, g], axis=-1), train)
             outputs.append((r + g).astype(jnp.float32)[:, 0, 0, :])  # [B, 256]
         return jnp.stack(outputs, axis=1)  # [B, P, 256]

@@ -1,6 +1,14 @@
 """Building blocks shared by the backbones: TF-semantics batch norm and conv + BN + activation.
 
 Parameters are always float32; ``dtype`` is the compute dtype of the activations.
+
+How a convolution is computed depends on the platform it is compiled for, and only on
+that: with ``conv_impl="auto"`` the depthwise and 1x1 convolutions are staged out with
+``lax.platform_dependent``, so XLA:CPU gets shifted multiply-adds and matrix products
+(several times faster there) and every other platform XLA's convolution, decided when the
+computation is lowered for its devices (also ahead of time, for a TPU or GPU target on a
+CPU host). ``conv_impl="xla"`` uses XLA's convolution everywhere (the tests run that
+formulation on CPU; exports whose consumers need standard convolution ops use it).
 """
 import functools
 from typing import Any, Callable, Optional
@@ -17,6 +25,8 @@ Initializer = Callable[..., Any]
 #   "SYMMETRIC": slim resnet_utils.conv2d_same for strided convs: pad (k-1)//2 before and
 #                k-1-(k-1)//2 after explicitly, then VALID.
 PADDINGS = ("SAME", "SYMMETRIC")
+# "auto": the formulation chosen per platform at lowering; "xla": XLA's convolution everywhere.
+CONV_IMPLS = ("auto", "xla")
 
 
 class BatchNorm(nn.Module):
@@ -190,6 +200,7 @@ class ConvBN(nn.Module):
     bn_epsilon: float = 1e-5
     bn_track_stats: bool = True
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -202,21 +213,22 @@ class ConvBN(nn.Module):
             w = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
             groups = 1
         padding = _explicit_padding(self.padding, k, self.stride)
-        on_cpu = jax.default_backend() == "cpu"
-        if self.depthwise and on_cpu:
-            y = _depthwise_by_taps(x.astype(self.dtype), w.astype(self.dtype), self.stride,
-                                   padding)
-        elif k == 1 and self.stride == 1 and on_cpu:
-            y = _pointwise_by_dot(x.astype(self.dtype), w.astype(self.dtype))
+
+        def xla_conv(x, w):
+            return lax.conv_general_dilated(
+                x, w, window_strides=(self.stride, self.stride), padding=padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+        cpu_conv = None
+        if self.depthwise:
+            cpu_conv = functools.partial(_depthwise_by_taps, stride=self.stride, padding=padding)
+        elif k == 1 and self.stride == 1:
+            cpu_conv = _pointwise_by_dot
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        if cpu_conv is None or self.conv_impl == "xla":
+            y = xla_conv(x, w)
         else:
-            y = lax.conv_general_dilated(
-                x.astype(self.dtype),
-                w.astype(self.dtype),
-                window_strides=(self.stride, self.stride),
-                padding=padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=groups,
-            )
+            y = lax.platform_dependent(x, w, cpu=cpu_conv, default=xla_conv)
         y = BatchNorm(self.bn_decay, self.bn_epsilon, dtype=self.dtype,
                       track_stats=self.bn_track_stats, name="BatchNorm")(y, train)
         if self.activation is not None:

@@ -40,11 +40,13 @@ class MobileNetV1(nn.Module):
     depth_multiplier: float = 1.0
     dtype: Any = jnp.float32
     bn_decay: float = BN_DECAY
+    conv_impl: str = "auto"   # layers.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x, train: bool) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
         common = dict(kernel_init=kernel_init(), bn_decay=self.bn_decay, bn_epsilon=BN_EPSILON,
-                      dtype=self.dtype, activation=nn.relu6, padding="SAME")
+                      dtype=self.dtype, activation=nn.relu6, padding="SAME",
+                      conv_impl=self.conv_impl)
         endpoints = {}
         x = ConvBN(scaled_depth(STEM_DEPTH, self.depth_multiplier), 3, stride=2,
                    name="Conv2d_0", **common)(x, train)

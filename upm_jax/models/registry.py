@@ -7,6 +7,7 @@ import numpy as np
 
 from upm_jax.models import mobilenet_v1, resnet_v1
 from upm_jax.models.heads import GAM_DIM, DALHead, GlobalHead, LocalHead
+from upm_jax.models.layers import CONV_IMPLS
 
 HEADS = ("dal", "local", "global")
 COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -15,7 +16,7 @@ COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16)
 class BackboneSpec(NamedTuple):
     """What the model needs to know about a backbone (its init and BN settings feed the GAM)."""
 
-    make: Callable[..., nn.Module]  # (depth_multiplier, dtype, bn_decay, name) -> module
+    make: Callable[..., nn.Module]  # (depth_multiplier, dtype, bn_decay, conv_impl, name) -> module
     channels: Callable[[float], int]  # depth_multiplier -> channels of the final map
     kernel_init: Callable[[], Callable]
     bn_decay: float
@@ -26,8 +27,8 @@ class BackboneSpec(NamedTuple):
 
 BACKBONES: Dict[str, BackboneSpec] = {
     "mobilenet_v1": BackboneSpec(
-        make=lambda dm, dtype, bn_decay, name: mobilenet_v1.MobileNetV1(
-            dm, dtype=dtype, bn_decay=bn_decay, name=name),
+        make=lambda dm, dtype, bn_decay, conv_impl, name: mobilenet_v1.MobileNetV1(
+            dm, dtype=dtype, bn_decay=bn_decay, conv_impl=conv_impl, name=name),
         channels=lambda dm: mobilenet_v1.scaled_depth(1024, dm),
         kernel_init=mobilenet_v1.kernel_init,
         bn_decay=mobilenet_v1.BN_DECAY,
@@ -36,8 +37,8 @@ BACKBONES: Dict[str, BackboneSpec] = {
         has_depth_multiplier=True,
     ),
     "resnet_v1_50": BackboneSpec(
-        make=lambda dm, dtype, bn_decay, name: resnet_v1.ResNetV1_50(
-            dtype=dtype, bn_decay=bn_decay, name=name),
+        make=lambda dm, dtype, bn_decay, conv_impl, name: resnet_v1.ResNetV1_50(
+            dtype=dtype, bn_decay=bn_decay, conv_impl=conv_impl, name=name),
         channels=lambda dm: 2048,
         kernel_init=resnet_v1.kernel_init,
         bn_decay=resnet_v1.BN_DECAY,
@@ -63,6 +64,7 @@ class ReidModel(nn.Module):
     dtype: Any = jnp.float32
     train_relation: bool = False
     bn_decay: Optional[float] = None  # None: the backbone's slim value (0.9997 / 0.997)
+    conv_impl: str = "auto"   # layers.CONV_IMPLS: per platform, or XLA's convolution everywhere
 
     @property
     def frozen_scopes(self) -> Tuple[Tuple[str, ...], ...]:
@@ -89,7 +91,7 @@ class ReidModel(nn.Module):
             raise ValueError(f"images must be [B, H, W, 3] (NHWC, RGB), got shape {images.shape}")
         spec = BACKBONES[self.backbone_name]
         bn_decay = spec.bn_decay if self.bn_decay is None else self.bn_decay
-        fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, bn_decay,
+        fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, bn_decay, self.conv_impl,
                                     "backbone")(images, train)
         if self.head_name == "dal":
             head = DALHead(spec.dal_pooling, name="head")
@@ -97,7 +99,7 @@ class ReidModel(nn.Module):
             head = LocalHead(self.n_part, name="head")
         else:
             head = GlobalHead(self.n_part, spec.kernel_init(), bn_decay, spec.bn_epsilon,
-                              self.train_relation, self.dtype, name="head")
+                              self.train_relation, self.dtype, self.conv_impl, name="head")
         feats = head(fmap, train).astype(jnp.float32)  # [B, P, D]
         if return_endpoints:
             return feats, {k: v.astype(jnp.float32) for k, v in endpoints.items()}
@@ -106,7 +108,8 @@ class ReidModel(nn.Module):
 
 def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: int = 8,
                 depth_multiplier: float = 1.0, dtype=jnp.float32,
-                train_relation: bool = False, bn_decay: Optional[float] = None) -> ReidModel:
+                train_relation: bool = False, bn_decay: Optional[float] = None,
+                conv_impl: str = "auto") -> ReidModel:
     """Validate the settings and build the model (see ``ReidModel``).
 
     backbone: 'mobilenet_v1' | 'resnet_v1_50'; head: 'dal' (P = 1) | 'local' (LAM) | 'global'
@@ -114,7 +117,9 @@ def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: in
     dtype: compute dtype (params stay float32); train_relation: train the GAM relation layers
     instead of keeping them frozen at their initialisation (the originals' behaviour);
     bn_decay: BatchNorm moving-average decay, None for the backbone's slim value (short runs
-    such as the CPU demo need a faster one for the moving statistics to converge).
+    such as the CPU demo need a faster one for the moving statistics to converge);
+    conv_impl: 'auto' (the convolution formulation chosen per platform when compiled) or
+    'xla' (XLA's convolution everywhere; see ``upm_jax.models.layers``).
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
@@ -131,5 +136,8 @@ def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: in
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     if bn_decay is not None and not 0.0 <= float(bn_decay) < 1.0:
         raise ValueError(f"bn_decay must lie in [0, 1), got {bn_decay!r}")
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     return ReidModel(backbone, head, int(n_part), float(depth_multiplier), jnp.dtype(dtype),
-                     bool(train_relation), None if bn_decay is None else float(bn_decay))
+                     bool(train_relation), None if bn_decay is None else float(bn_decay),
+                     conv_impl)

@@ -39,11 +39,12 @@ class Bottleneck(nn.Module):
     stride: int
     dtype: Any = jnp.float32
     bn_decay: float = BN_DECAY
+    conv_impl: str = "auto"   # layers.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x, train: bool):
         common = dict(kernel_init=kernel_init(), bn_decay=self.bn_decay, bn_epsilon=BN_EPSILON,
-                      dtype=self.dtype)
+                      dtype=self.dtype, conv_impl=self.conv_impl)
         if x.shape[-1] == self.depth:
             shortcut = x[:, :: self.stride, :: self.stride, :]  # slim subsample (1x1 max pool)
         else:
@@ -64,6 +65,7 @@ class Block(nn.Module):
     stride: int
     dtype: Any = jnp.float32
     bn_decay: float = BN_DECAY
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -71,7 +73,7 @@ class Block(nn.Module):
         for u in range(1, self.units + 1):
             unit_stride = self.stride if u == self.units else 1
             x = Bottleneck(4 * self.base_depth, self.base_depth, unit_stride, dtype=self.dtype,
-                           bn_decay=self.bn_decay,
+                           bn_decay=self.bn_decay, conv_impl=self.conv_impl,
                            name=f"unit_{u}")(x, train)
             outputs.append(x)
         return x, outputs
@@ -85,19 +87,20 @@ class ResNetV1_50(nn.Module):
 
     dtype: Any = jnp.float32
     bn_decay: float = BN_DECAY
+    conv_impl: str = "auto"   # layers.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x, train: bool) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
         endpoints = {}
         x = ConvBN(64, 7, stride=2, padding="SYMMETRIC", activation=nn.relu,
                    kernel_init=kernel_init(), bn_decay=self.bn_decay, bn_epsilon=BN_EPSILON,
-                   dtype=self.dtype, name="conv1")(x, train)
+                   dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x, train)
         endpoints["conv1"] = x
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         endpoints["pool1"] = x
         for block, base, units, stride in BLOCKS:
             x, outputs = Block(base, units, stride, dtype=self.dtype, bn_decay=self.bn_decay,
-                                 name=block)(x, train)
+                               conv_impl=self.conv_impl, name=block)(x, train)
             for u, out in enumerate(outputs, start=1):
                 endpoints[f"{block}/unit_{u}"] = out
             endpoints[block] = x
