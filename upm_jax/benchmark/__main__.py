@@ -228,9 +228,11 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
                                         split_file=synthetic.split_file(root))
         table = dataset.test
 
+        frames = data_lib.RawFrames(table.path, args.image_size)
+
         def host_input():
-            extract_lib.extract_frame_features(model, variables, table, mesh=mesh,
-                                               batch_size=batch, image_size=args.image_size)
+            extract_lib.extract_frame_features(model, variables, frames, mesh=mesh,
+                                               batch_size=batch)
 
         median, low, high = timed(host_input, max(1, args.repeats // 2))
     frames = len(table.path)
