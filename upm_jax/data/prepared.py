@@ -246,8 +246,9 @@ def prepare(layout: str, root: str, image_size: int, data_dir: str, *, skip_corr
     if os.path.exists(target):
         raise DatasetError(f"{target} already exists; remove it to prepare the set again")
     base, _ = readers.tracklets_on_disk(layout, root)   # a clear error for a wrong folder
-    builder = BUILDERS[layout](config=builder_config(image_size), data_dir=data_dir,
-                               skip_corrupt=skip_corrupt, threads=threads)
+    config = str(image_size) if image_size in SIZES else builder_config(image_size)
+    builder = BUILDERS[layout](config=config, data_dir=data_dir, skip_corrupt=skip_corrupt,
+                               threads=threads)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=base, try_download_gcs=False))
     meta = builder.info.metadata
