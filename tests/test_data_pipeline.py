@@ -1,5 +1,6 @@
 """Input pipeline: TF1 resize, deterministic batches, replay, sharding, resident data, test stream."""
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -98,16 +99,6 @@ def _train(table, mesh, start, end, seed=11, batch=16, loading=Loading()):
     return list(train_batches(table, RawFrames(table.path, IMAGE_SIZE), global_batch=batch,
                               seed=seed, mesh=mesh, start_step=start, end_step=end,
                               loading=loading))
-
-
-def test_fast_resize_matches_the_reference_bit_for_bit():
-    rng = np.random.default_rng(0)
-    for h, w, oh, ow in ((128, 64, 256, 128), (128, 64, 96, 48), (256, 128, 224, 112),
-                         (37, 23, 64, 32), (50, 30, 20, 10), (1, 1, 4, 2), (5, 200, 7, 3)):
-        x = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
-        out = np.empty((oh, ow, 3), np.uint8)
-        images.resizer(h, w, oh, ow)(x, out)
-        assert np.array_equal(out, images.to_uint8(images.resize_bilinear_tf1(x, oh, ow)))
 
 
 def test_train_batches_replay_and_match_the_reference(ds):
@@ -210,11 +201,22 @@ def test_pipeline_names_a_corrupt_frame(ds, tmp_path):
         _train(table, _mesh(1), 0, 1, batch=4)
 
 
-def test_throughput_benchmark_reports_both_formats():
-    from upm_jax.benchmark.input import decode_resize_throughput
-    result = decode_resize_throughput(num_images=4, min_seconds=0.01, num_threads=2)
-    assert result["out_size"] == [256, 128] and result["threads"] == 2
-    for fmt in ("png", "jpeg"):
-        assert set(result[fmt]) == {"single_thread", "pool", "pool_per_core"}
-        assert result[fmt]["single_thread"] > 0
-        assert result[fmt]["pool_per_core"] == result[fmt]["pool"] / result["cpu_cores"]
+def test_input_benchmark_records(tmp_path):
+    from upm_jax.benchmark import input as input_bench
+    decode = input_bench.decode_resize_throughput(num_images=4, min_seconds=0.01)
+    assert [r["format"] for r in decode] == ["png", "jpeg"]
+    assert all(r["out_size"] == [256, 128] and r["frames_per_s"] > 0 for r in decode)
+    pipeline = input_bench.pipeline_throughput(ids=2, image_size=64, batch=8,
+                                               worker_counts=(0,), min_seconds=0.01,
+                                               folder=str(tmp_path))
+    assert [(r["source"], r["workers"]) for r in pipeline] == [("raw", 0), ("prepared", 0)]
+    assert all(r["frames_per_s"] > 0 and r["out_size"] == [64, 32] for r in pipeline)
+    assert os.listdir(tmp_path) == []
+    needs = input_bench.config_needs([dict(pipeline[0], frames_per_cpu_s=1000.0),
+                                      dict(pipeline[1], frames_per_cpu_s=10000.0)])
+    mars = {r["target"]: r for r in needs if r["config"] == "mars"}
+    h100 = mars["H100 bf16"]
+    assert h100["frames_per_s_needed"] == pytest.approx(1000 / 2.7 * 64)
+    assert h100["host_cores_raw"] == pytest.approx(h100["frames_per_s_needed"] / 1000)
+    assert h100["host_cores_prepared"] == pytest.approx(h100["frames_per_s_needed"] / 10000)
+    assert all(r["host_cores_raw"] == 0 for r in needs if r["resident"])

@@ -53,7 +53,7 @@ def batch_indices(seed: int, step: int, num_frames: int, batch: int) -> np.ndarr
 
 class RawFrames:
     """Frame source: table rows -> uint8 frames decoded from the table's image files and
-    resized with TF1 bilinear semantics (`images.decode_resize_into`)."""
+    resized with TF1 bilinear semantics (`images.decode_resize`)."""
 
     def __init__(self, paths, image_size: int):
         self.paths = np.asarray(paths, dtype=str)
@@ -64,8 +64,9 @@ class RawFrames:
 
     def read(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Writes the frames of table `rows` [n] into `out` (uint8 [n, H, W, 3])."""
+        height, width = self.image_shape
         for i, row in enumerate(np.asarray(rows).tolist()):
-            images.decode_resize_into(self.paths[row], out[i])
+            out[i] = images.decode_resize(self.paths[row], height, width)
         return out
 
 
