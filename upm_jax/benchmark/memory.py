@@ -61,7 +61,8 @@ def _dataset(workdir, frames):
     table = FrameTable(path=np.array(files)[np.arange(frames) % IMAGES], tracklet=tracklet,
                        frame=frame, tracklet_camera=cams, tracklet_pid=proto["pid"],
                        tracklet_index=index, num_cameras=int(cams.max()) + 1)
-    return types.SimpleNamespace(test=table, query=proto["query"], gallery=proto["gallery"])
+    return types.SimpleNamespace(test=table, query=proto["query"], gallery=proto["gallery"],
+                                 directions="one")
 
 
 def _stand_in(parts, dim):
