@@ -390,33 +390,33 @@ def _varint(buf, pos):
         shift += 7
 
 
-def _messages(buf, start, end):
-    """(field number, start, end) of each length-delimited field in buf[start:end]."""
-    pos = start
-    while pos < end:
-        tag, pos = _varint(buf, pos)
-        if tag & 7 != 2:
-            raise DatasetError(f"prepared record: field {tag >> 3} is not length-delimited")
-        length, pos = _varint(buf, pos)
-        yield tag >> 3, pos, pos + length
-        pos += length
+def _field(buf, pos: int, number: int) -> tuple:
+    """(start, end) of the length-delimited field `number` whose tag is at buf[pos]."""
+    tag, pos = _varint(buf, pos)
+    if tag != number << 3 | 2:
+        raise DatasetError(f"prepared record: expected field {number} (length-delimited) at "
+                           f"byte {pos}, found tag {tag}")
+    length, pos = _varint(buf, pos)
+    return pos, pos + length
 
 
 def example_bytes(record: bytes, key: bytes) -> memoryview:
     """The first bytes value of feature `key` in a serialized tf.Example, without a copy.
 
-    Example{features=1: Features{feature=1: map entry{key=1, value=2: Feature{bytes_list=1:
-    BytesList{value=1}}}}}: TFDS's Tensor(encoding=BYTES) stores the array's bytes there.
-    Parsing the whole example (TFDS's decoder, protobuf) costs several times more.
+    Example{features=1: Features{feature=1 (repeated map entry){key=1, value=2: Feature{
+    bytes_list=1: BytesList{value=1}}}}}: TFDS's Tensor(encoding=BYTES) stores the array's
+    bytes there. Parsing the whole example (TFDS's decoder, protobuf) costs several times
+    more than walking to the one field.
     """
-    for _, lo, hi in _messages(record, 0, len(record)):              # Example.features
-        for _, entry_lo, entry_hi in _messages(record, lo, hi):      # Features.feature entry
-            fields = {n: (a, b) for n, a, b in _messages(record, entry_lo, entry_hi)}
-            a, b = fields[1]
-            if record[a:b] != key:
-                continue
-            for kind, list_lo, list_hi in _messages(record, *fields[2]):   # Feature.kind
-                if kind == 1:                                             # bytes_list
-                    for _, value_lo, value_hi in _messages(record, list_lo, list_hi):
-                        return memoryview(record)[value_lo:value_hi]
+    start, end = _field(record, 0, 1)                       # Example.features
+    pos = start
+    while pos < end:
+        entry, entry_end = _field(record, pos, 1)           # one map entry
+        key_start, key_end = _field(record, entry, 1)
+        if record[key_start:key_end] == key:
+            feature, feature_end = _field(record, key_end, 2)
+            values, _ = _field(record, feature, 1)          # Feature.bytes_list
+            value, value_end = _field(record, values, 1)    # BytesList.value[0]
+            return memoryview(record)[value:value_end]
+        pos = entry_end
     raise DatasetError(f"prepared record: no bytes feature {key.decode()!r}")
