@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from upm_jax import config as config_lib
-from upm_jax.data import (DatasetError, Loading, RawFrames, batch_indices, images, load_dataset,
+from upm_jax.data import (DatasetError, RawFrames, batch_indices, images, load_dataset,
                           ordered_batches, synthetic)
 from upm_jax.data import __main__ as data_cli
 from upm_jax.data import prepared

@@ -23,7 +23,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -236,12 +235,14 @@ def prepare(layout: str, root: str, image_size: int, data_dir: str, *, skip_corr
                            f"{readers.LAYOUTS}")
     images.image_shape(image_size)
     if data_dir.startswith("gs://"):
+        remote = _cloud_folder(dataset_dir(data_dir, layout, image_size))   # before any work
         with tempfile.TemporaryDirectory(prefix="upm_prepare_") as local:
             summary = prepare(layout, root, image_size, local, skip_corrupt=skip_corrupt,
                               threads=threads)
-            _copy_up(dataset_dir(local, layout, image_size),
-                     dataset_dir(data_dir, layout, image_size))
-        return dict(summary, path=dataset_dir(data_dir, layout, image_size))
+            folder = dataset_dir(local, layout, image_size)
+            for name in sorted(os.listdir(folder)):
+                _epath(os.path.join(folder, name)).copy(remote / name)
+        return dict(summary, path=os.fspath(remote))
     target = dataset_dir(data_dir, layout, image_size)
     if os.path.exists(target):
         raise DatasetError(f"{target} already exists; remove it to prepare the set again")
@@ -257,17 +258,25 @@ def prepare(layout: str, root: str, image_size: int, data_dir: str, *, skip_corr
             "bytes": sum(os.path.getsize(os.path.join(target, f)) for f in os.listdir(target))}
 
 
-def _copy_up(local: str, remote: str) -> None:
-    """Copies a prepared set folder to gs:// through etils.epath (gcsfs, no TensorFlow)."""
-    os.environ.setdefault("EPATH_USE_TF", "false")
+def _cloud_folder(path: str):
+    """The etils.epath Path of a gs:// folder a set is copied to (through gcsfs, so without
+    TensorFlow); fails when gcsfs is missing or the folder exists."""
+    os.environ.setdefault("EPATH_USE_TF", "false")   # read at the first gs:// path
     try:
         import gcsfs  # noqa: F401, PLC0415  (epath's gs:// backend without TensorFlow)
     except ImportError as e:
         raise DatasetError("--data-dir gs://...: install gcsfs (pip install gcsfs) to copy "
                            "the prepared set to Cloud Storage") from e
+    remote = _epath(path)
+    if remote.exists():
+        raise DatasetError(f"{path} already exists; remove it to prepare the set again")
+    return remote
+
+
+def _epath(path: str):
+    """etils.epath.Path(path) (imported on use)."""
     from etils import epath  # noqa: PLC0415
-    for name in sorted(os.listdir(local)):
-        epath.Path(os.path.join(local, name)).copy(epath.Path(remote) / name)
+    return epath.Path(path)
 
 
 class PreparedSet:
