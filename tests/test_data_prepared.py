@@ -156,6 +156,16 @@ def test_the_prepare_command_and_the_inspection_form(sets, tmp_path, capsys):
     assert "dukev folder" in capsys.readouterr().out
 
 
+def test_a_cloud_data_dir_without_gcsfs_fails_before_any_work(sets, capsys):
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: the check would reach Cloud Storage")
+    ds, _ = sets["prid2011"]
+    assert data_cli.main(["prepare", "--layout", "prid2011", "--root", ds.root, "--image-size",
+                          "64", "--data-dir", "gs://bucket/sets"]) == 2
+    assert "install gcsfs" in capsys.readouterr().err
+
+
 def test_reading_a_prepared_set_imports_no_tensorflow(sets):
     ds, data_dir = sets["ilidsvid"]
     code = ("import sys, numpy as np\n"
