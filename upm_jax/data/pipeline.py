@@ -172,10 +172,12 @@ def input_from_config(config, table: FrameTable) -> tuple:
     return frames, Loading(workers=workers, prefetch=data.prefetch)
 
 
-def _die_with_parent(worker_index, worker_count):
-    """grain worker_init_fn: the kernel kills the worker when its parent dies (a SIGKILLed
-    trainer must not leave its readers behind)."""
+def _init_worker(worker_index, worker_count):
+    """grain worker_init_fn: a reader never starts an accelerator backend (JAX is imported
+    in the workers, the GPU or TPU belongs to the trainer), and the kernel kills it when
+    its parent dies (a SIGKILLed trainer must not leave its readers behind)."""
     del worker_index, worker_count
+    os.environ["JAX_PLATFORMS"] = "cpu"
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
@@ -196,7 +198,7 @@ def _read_ahead(source, start: int, loading: Loading):
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=loading.workers,
                                          per_worker_buffer_size=loading.prefetch),
-            worker_init_fn=_die_with_parent)
+            worker_init_fn=_init_worker)
     return iter(dataset)
 
 
