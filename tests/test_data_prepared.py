@@ -39,8 +39,8 @@ def sets(tmp_path_factory):
 
 
 def _reference(paths, height, width):
-    """Decode + the reference TF1 resize, rounded half to even: what the pipeline produced
-    before grain and the prepared sets (`TrainInput` decoded exactly this)."""
+    """Decode + the reference TF1 resize, rounded half to even: the frames the host
+    pipeline has always fed the training step."""
     return np.stack([images.to_uint8(images.resize_bilinear_tf1(images.decode(p), height,
                                                                 width)) for p in paths])
 
