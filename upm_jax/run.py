@@ -170,11 +170,17 @@ def _generate_synthetic(config):
 
 def _load_dataset(config, split):
     """The split's train and test tables from the raw folder; records the test side in
-    the split's folder for later extractions."""
+    the split's folder for later extractions. Reading a prepared set, the frames it
+    skipped as unreadable are the ones `data.skip_corrupt` leaves out (none is decoded)."""
     root = config.data.root
+    unreadable = None
+    if config.data.source == "prepared":
+        from upm_jax.data import prepared  # noqa: PLC0415  (imports TFDS)
+        unreadable = prepared.open_set(config.data.data_dir, config.data.layout,
+                                       config.data.image_size).unreadable
     dataset = data_lib.load_dataset(
         config.data.layout, root, split=split.number, split_file=config.data.split_file or None,
-        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt)
+        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt, unreadable=unreadable)
     expected = config.data.num_cameras
     if expected and dataset.num_cameras != expected:
         raise ConfigError(

@@ -12,7 +12,10 @@ backbone, method, dtype, batch and image size.
 Sections:
   train     training steps/s and frames/s (on-device dataset), XLA FLOPs per step, MFU
   extract   extraction frames/s with the on-device input and the host pipeline
-  input     decode + resize frames/s per CPU core (PNG and JPEG, 128x64 -> 256x128)
+  input     frames/s and frames per CPU-second: decode + resize (PNG and JPEG, 128x64 ->
+            image size), the grain pipeline from raw files and from a prepared set per
+            worker count, and the host cores each shipped config needs at the roofline
+            step rate (`benchmark/input.py`)
   evaluate  evaluator seconds and peak memory at MARS size (`benchmark/evaluation.py`)
   memory    peak memory of extraction and evaluation at MARS size (`benchmark/memory.py`;
             not in the default sections: it writes several GB under --memory-workdir)
@@ -228,9 +231,11 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
                                         split_file=synthetic.split_file(root))
         table = dataset.test
 
+        frames = data_lib.RawFrames(table.path, args.image_size)
+
         def host_input():
-            extract_lib.extract_frame_features(model, variables, table, mesh=mesh,
-                                               batch_size=batch, image_size=args.image_size)
+            extract_lib.extract_frame_features(model, variables, frames, mesh=mesh,
+                                               batch_size=batch)
 
         median, low, high = timed(host_input, max(1, args.repeats // 2))
     frames = len(table.path)
@@ -242,8 +247,15 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
 
 def bench_input(args):
     from upm_jax.benchmark import input as input_bench  # noqa: PLC0415
-    result = input_bench.decode_resize_throughput()
-    return [dict(row_base("uint8", 1), section="input", **result)]
+    records = input_bench.decode_resize_throughput(image_size=args.image_size,
+                                                   min_seconds=args.input_seconds)
+    pipeline = input_bench.pipeline_throughput(
+        ids=args.input_ids, image_size=args.image_size, batch=args.input_batch,
+        worker_counts=[int(w) for w in args.input_workers.split(",")],
+        min_seconds=args.input_seconds, folder=args.input_dir or None)
+    records += pipeline + input_bench.config_needs(pipeline)
+    return [dict(row_base("uint8", r.get("batch", 1)), section="input", cpu_cores=os.cpu_count(),
+                 **{k: v for k, v in r.items() if k != "batch"}) for r in records]
 
 
 def bench_evaluate(args):
@@ -303,6 +315,16 @@ def parse_args(argv):
     parser.add_argument("--extract-ids", type=int, default=40,
                         help="synthetic PRID-layout ids for the host extraction figure")
     parser.add_argument("--extract-batch", type=int, default=512)
+    parser.add_argument("--input-ids", type=int, default=20,
+                        help="input section: synthetic PRID-layout ids the pipeline reads")
+    parser.add_argument("--input-workers", default="0,1,2",
+                        help="input section: grain worker counts to measure")
+    parser.add_argument("--input-batch", type=int, default=64)
+    parser.add_argument("--input-seconds", type=float, default=3.0,
+                        help="input section: seconds each rate is measured over")
+    parser.add_argument("--input-dir", default="",
+                        help="input section: folder for its frames and prepared set "
+                             "(default: the system's temporary folder)")
     parser.add_argument("--rerank", action="store_true", help="also time re-ranking")
     parser.add_argument("--memory-workdir", default="",
                         help="memory section: a folder for its frames and features files")

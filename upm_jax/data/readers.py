@@ -63,14 +63,16 @@ def check_split_spec(splits, field: str = "splits") -> None:
 
 
 def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | None = None,
-                 splits="1", skip_corrupt: bool = False) -> ReidDataset:
+                 splits="1", skip_corrupt: bool = False, unreadable=None) -> ReidDataset:
     """Reads a raw benchmark folder into train/test frame tables under its protocol.
 
     PRID2011/iLIDS-VID take the 1-based `split` of the source that `splits` and `split_file`
     resolve to (see `resolve_splits`; only a 'random:SEED' spec changes the source, numbers
     in it are not needed here). MARS and DukeMTMC-VideoReID have one protocol. With
-    `skip_corrupt`, every frame is decoded once and unreadable ones are dropped and listed in
-    `ds.skipped`; otherwise an unreadable frame fails when the pipeline decodes it.
+    `skip_corrupt`, unreadable frames are dropped and listed in `ds.skipped`: those for which
+    `unreadable(paths)` gives a reason (a prepared set's record of the frames it skipped),
+    by default every frame decoded once; otherwise an unreadable frame fails when the
+    pipeline reads it.
     """
     _check_layout(layout)
     if layout in SPLIT_LAYOUTS:
@@ -81,7 +83,8 @@ def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | No
             raise DatasetError(f"{layout}: has a single protocol; split must be 1, got {split}")
         ds = (mars if layout == "mars" else dukev).load(root)
     if skip_corrupt:
-        (train, test), skipped = common.screen_corrupt([ds.train, ds.test])
+        (train, test), skipped = common.screen_corrupt([ds.train, ds.test],
+                                                       unreadable=unreadable)
         ds = dataclasses.replace(ds, train=train, test=test, skipped=skipped)
     return ds
 
@@ -92,3 +95,14 @@ def inspect_disk(layout: str, root: str) -> dict:
     if layout in SPLIT_LAYOUTS:
         return twocam.scan(_TWOCAM[layout], root).summary()
     return (mars if layout == "mars" else dukev).inventory(root)
+
+
+def tracklets_on_disk(layout: str, root: str) -> tuple:
+    """(base folder, {part: [(camera0, pid, [paths in frame order])]}): every frame of the
+    release folder, whatever protocol applies; parts are the release's own folders
+    (MARS bbox_train/bbox_test, DukeMTMC-VideoReID train/query/gallery; "all" for the
+    two-camera sets, whose splits are person lists)."""
+    _check_layout(layout)
+    if layout in SPLIT_LAYOUTS:
+        return twocam.tracklets_on_disk(_TWOCAM[layout], root)
+    return (mars if layout == "mars" else dukev).tracklets_on_disk(root)

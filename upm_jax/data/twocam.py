@@ -96,6 +96,16 @@ def scan(layout: TwoCamLayout, root: str) -> Inventory:
     return Inventory(layout, base, tuple(frames))
 
 
+def tracklets_on_disk(layout: TwoCamLayout, root: str) -> tuple:
+    """(base folder, {"all": [(camera0, pid, [paths])]}): every person folder of both
+    cameras (one tracklet each), cameras in order, persons sorted."""
+    inventory = scan(layout, root)
+    pattern = re.compile(layout.person_re)
+    return inventory.base, {"all": [
+        (cam, int(pattern.fullmatch(person).group(1)), frames[person])
+        for cam, frames in enumerate(inventory.frames) for person in sorted(frames)]}
+
+
 def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: str) -> list:
     folder = os.path.join(cam_dir, person)
     names = common.list_images(folder)

@@ -78,18 +78,20 @@ class Trainer:
         self.resident = None
 
     def load_resident(self):
-        """Decodes the training frames onto the devices (config.data.resident)."""
-        self.resident = data_lib.load_resident(self.table, self.config.data.image_size,
-                                               self.mesh)
+        """Reads the training frames onto the devices (config.data.resident)."""
+        frames, loading = data_lib.input_from_config(self.config, self.table)
+        self.resident = data_lib.load_resident(self.table, frames, self.mesh, loading=loading)
 
     def batches(self, start_step):
-        """Yields the batch of each step from `start_step` on (a function of seed and step)."""
+        """Yields the batch of each step from `start_step` to config.train.steps (a function
+        of seed and step: the checkpoint's step is the whole state of the input)."""
         config = self.config
         if self.resident is None:
-            yield from data_lib.TrainInput(
-                self.table, global_batch=config.train.batch_size,
-                image_size=config.data.image_size, seed=config.seed,
-                mesh=self.mesh).iterate(start_step)
+            frames, loading = data_lib.input_from_config(config, self.table)
+            yield from data_lib.train_batches(
+                self.table, frames, global_batch=config.train.batch_size, seed=config.seed,
+                mesh=self.mesh, start_step=start_step, end_step=config.train.steps,
+                loading=loading)
             return
         yield from data_lib.resident_batches(
             self.num_frames, global_batch=config.train.batch_size, seed=config.seed,
@@ -233,9 +235,10 @@ def _init_anchors_from_features(config, dataset, trainer, mesh):
     variables = {"params": state_lib.merge_params(trainer.state.params,
                                                   trainer.state.frozen_params),
                  "batch_stats": trainer.state.batch_stats}
+    frames, loading = data_lib.input_from_config(config, dataset.train)
     feats = extract.extract_frame_features(
-        trainer.model, variables, dataset.train, mesh=mesh,
-        batch_size=extract.extraction_batch(config, mesh), image_size=config.data.image_size)
+        trainer.model, variables, frames, mesh=mesh,
+        batch_size=extract.extraction_batch(config, mesh), loading=loading)
     memory = AnchorMemory.from_features(
         trainer.state.memory, feats, dataset.train.track, dataset.train.camera)
     return trainer.state.replace(memory=jax.device_put(memory, parallel.replicated(mesh)))
