@@ -133,13 +133,14 @@ def _train_setup(backbone, head, batch, dtype, args, mesh):
     resident = jax.device_put(resident, parallel.replicated(mesh))
     batches = [{"index": jax.device_put(rng.integers(0, _FRAMES, batch).astype(np.int32),
                                         parallel.batch_sharding(mesh))} for _ in range(8)]
-    return trainer.state, trainer.step_fn, resident, batches
+    return trainer, resident, batches
 
 
 def bench_train(backbone, head, batch, dtype, args, mesh):
     """Steps/s of the full training step with the on-device dataset."""
-    state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
-    lowered = step_fn.lower(state, batches[0], resident)
+    trainer, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
+    state, step_fn, schedule = trainer.state, trainer.step_fn, trainer.schedule
+    lowered = step_fn.lower(state, schedule, batches[0], resident)
     compiled = lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -151,7 +152,7 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
         before = resource.getrusage(resource.RUSAGE_SELF)
         s = holder["state"]
         for i in range(args.steps):
-            s, metrics = step_fn(s, batches[i % len(batches)], resident)
+            s, metrics = step_fn(s, schedule, batches[i % len(batches)], resident)
         jax.block_until_ready(metrics["loss"])
         holder["state"] = s
         after = resource.getrusage(resource.RUSAGE_SELF)
@@ -179,9 +180,9 @@ def largest_batch(backbone, head, dtype, args, mesh):
     batch, best = 64, None
     while batch <= args.max_batch_limit:
         try:
-            state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype,
-                                                             args, mesh)
-            state, metrics = step_fn(state, batches[0], resident)
+            trainer, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
+            trainer.state, metrics = trainer.step_fn(trainer.state, trainer.schedule,
+                                                     batches[0], resident)
             jax.block_until_ready(metrics["loss"])
             best = batch
         except Exception as e:  # XLA reports running out of memory as a runtime error.
@@ -189,7 +190,7 @@ def largest_batch(backbone, head, dtype, args, mesh):
                 raise
             break
         finally:
-            state = step_fn = resident = batches = None
+            trainer = resident = batches = None
         batch *= 2
     return best
 

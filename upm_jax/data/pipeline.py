@@ -119,26 +119,38 @@ class TrainInput:
             decode_pool.shutdown(wait=True)
 
 
-def load_resident(table: FrameTable, image_size: int, mesh, *,
+def load_resident(table: FrameTable, image_size: int, mesh, *, rows: int | None = None,
                   num_threads: int | None = None) -> dict:
     """All training frames decoded, replicated on the mesh's devices.
 
-    Returns {"image": uint8 [N,H,W,3], "track": int32 [N], "camera": int32 [N]} jax.Arrays.
-    With several processes each decodes an equal share of the frames and the shares are
-    all-gathered, so no host decodes the whole set (every host then holds all of it, as
-    its devices need a replica).
+    Returns {"image": uint8 [R,H,W,3], "track": int32 [R], "camera": int32 [R]} jax.Arrays
+    with R = `rows` (default N, the table's frames): rows N.. are zero padding that no
+    batch samples (batches draw rows below N), so the splits of a run padded to one R share
+    one compiled training step. With several processes each decodes an equal share of the
+    frames and the shares are all-gathered, so no host decodes the whole set (every host
+    then holds all of it, as its devices need a replica).
     """
+    n = table.num_frames
+    total = n if rows is None else int(rows)
+    if total < n:
+        raise ValueError(f"load_resident: rows={total} is fewer than the table's {n} frames")
     h, w = images.image_shape(image_size)
     count, index = jax.process_count(), jax.process_index()
-    share = -(-table.num_frames // count)
-    rows = np.arange(index * share, min((index + 1) * share, table.num_frames))
-    local = np.zeros((share, h, w, 3), np.uint8)  # the last share padded to equal length
+    share = -(-n // count)
+    mine = np.arange(index * share, min((index + 1) * share, n))
+    # the last share padded to equal length; one process decodes into the padded whole
+    local = np.zeros((total if count == 1 else share, h, w, 3), np.uint8)
     with concurrent.futures.ThreadPoolExecutor(_threads(num_threads)) as pool:
-        local[:len(rows)] = decode_frames(table.path[rows], image_size, pool)
-    image = local if count == 1 else np.asarray(
-        multihost_utils.process_allgather(local, tiled=True))[:table.num_frames]
-    host = {"image": image, "track": table.track.astype(np.int32),
-            "camera": table.camera.astype(np.int32)}
+        local[:len(mine)] = decode_frames(table.path[mine], image_size, pool)
+    if count == 1:
+        image = local
+    else:
+        image = np.zeros((total, h, w, 3), np.uint8)
+        image[:n] = np.asarray(multihost_utils.process_allgather(local, tiled=True))[:n]
+    pad = total - n
+    host = {"image": image,
+            "track": np.concatenate([table.track.astype(np.int32), np.zeros(pad, np.int32)]),
+            "camera": np.concatenate([table.camera.astype(np.int32), np.zeros(pad, np.int32)])}
     replicated = parallel.replicated(mesh)
     return {k: jax.make_array_from_callback(v.shape, replicated, lambda idx, v=v: v[idx])
             for k, v in host.items()}

@@ -18,6 +18,10 @@ class SplitPlan:
     numbers: list      # 1-based split numbers, in run order
     protocol: str
     available: list    # every split number the source has
+    # split number -> its training frames on disk (two-camera layouts; empty for the
+    # single-protocol ones): a run pads its resident frames to the largest, so its splits
+    # share one compiled training step
+    train_frames: dict = dataclasses.field(default_factory=dict)
 
 
 def _check_layout(layout: str) -> None:
@@ -53,8 +57,9 @@ def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = 
     spec = person_splits.parse_spec(splits, field)
     inventory = twocam.scan(_TWOCAM[layout], root)
     source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file or None)
-    return SplitPlan(person_splits.select(source, spec, str(splits), field), source.protocol,
-                     source.numbers)
+    numbers = person_splits.select(source, spec, str(splits), field)
+    return SplitPlan(numbers, source.protocol, source.numbers,
+                     {n: twocam.train_frames(inventory, source, n) for n in numbers})
 
 
 def check_split_spec(splits, field: str = "splits") -> None:
