@@ -16,6 +16,10 @@ Sections:
   evaluate  evaluator seconds and peak memory at MARS size (`benchmark/evaluation.py`)
   memory    peak memory of extraction and evaluation at MARS size (`benchmark/memory.py`;
             not in the default sections: it writes several GB under --memory-workdir)
+  compile   the config's training step and extraction function compiled ahead of time for
+            --targets (TPU topologies, an H100) with its own models, shapes and batch:
+            FLOPs, bytes, memory, collectives, precisions and the roofline per device
+            (`benchmark/compile.py`; not in the default sections; needs the `aot` extra)
 
 Every row names the device kind, the JAX version, the dtype and the batch size. Warm-up
 (compilation and the first steps) is excluded; each figure is the median of several
@@ -309,13 +313,42 @@ def parse_args(argv):
                         help="memory section: a folder for its frames and features files")
     parser.add_argument("--memory-frames", type=int, default=681089,
                         help="memory section: test frames (MARS has 681,089)")
+    parser.add_argument("--targets", default="v5e:1x1,v5e:2x2,v4:2x2x1,h100",
+                        help="compile section: targets (benchmark/compile.py TARGETS)")
+    parser.add_argument("--precisions", default="",
+                        help="compile section: comma list of model.matmul_precision values "
+                        "(default: the config's)")
+    parser.add_argument("--train-set", default="",
+                        help="compile section: FRAMES:T1,T2,... training frames and tracklets "
+                        "per camera, for a dataset upm_jax ships no protocol file of")
     parser.add_argument("--out", default="benchmark.json")
     return parser.parse_args(argv)
+
+
+def bench_compile(args):
+    from upm_jax.benchmark import compile as compile_bench  # noqa: PLC0415
+    if not args.config:
+        raise SystemExit("error: --sections compile needs --config (the experiment whose "
+                         "steps are compiled)")
+    config = config_lib.load_config_file(args.config)
+    name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
+    rows = []
+    for row in compile_bench.compile_rows(
+            config, config_name=name, targets=args.targets.split(","),
+            dtypes=args.dtypes.split(","),
+            precisions=[p for p in args.precisions.split(",") if p],
+            train_set=args.train_set):
+        print(compile_bench.format_row(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
     sections = args.sections.split(",")
+    if sections == ["compile"] and not os.environ.get("JAX_PLATFORMS"):
+        # compiles only: the host's own accelerator plugins need not start
+        jax.config.update("jax_platforms", "cpu")
     mesh = parallel.make_mesh()
     rows = []
 
@@ -346,6 +379,8 @@ def main(argv=None):
         emit(bench_evaluate(args))
     if "memory" in sections:
         emit(bench_memory(args))
+    if "compile" in sections:
+        rows.extend(bench_compile(args))
     atomic_write(args.out, lambda f: json.dump(rows, f, indent=2), mode="w")
     print(f"wrote {args.out} ({len(rows)} rows)")
 
