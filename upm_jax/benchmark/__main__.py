@@ -318,6 +318,8 @@ def parse_args(argv):
     parser.add_argument("--precisions", default="",
                         help="compile section: comma list of model.matmul_precision values "
                         "(default: the config's)")
+    parser.add_argument("--compile-steps", default="train,extract",
+                        help="compile section: which of the config's steps to compile")
     parser.add_argument("--train-set", default="",
                         help="compile section: FRAMES:T1,T2,... training frames and tracklets "
                         "per camera, for a dataset upm_jax ships no protocol file of")
@@ -337,7 +339,7 @@ def bench_compile(args):
             config, config_name=name, targets=args.targets.split(","),
             dtypes=args.dtypes.split(","),
             precisions=[p for p in args.precisions.split(",") if p],
-            train_set=args.train_set):
+            train_set=args.train_set, steps=args.compile_steps.split(",")):
         print(compile_bench.format_row(row), flush=True)
         rows.append(row)
     return rows
