@@ -112,10 +112,14 @@ def _assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 # clipping; from its third step a nearest-anchor decision can flip). The yardstick is the
 # run's own rounding noise: the same run with each batch's samples reversed, which changes
 # nothing but the summation order. 8 devices vs 1 may differ by no more than twice that.
+# The real model runs in both convolution formulations: 'auto' (this CPU's taps and matrix
+# products) and 'xla' (XLA's convolution, what GPUs and TPUs run).
 MODELS = {
     "tiny": (TinyModel, IMAGE, BATCH, 4),
     "mobilenet_gam": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
                                           n_part=2), (64, 32), 8, 2),
+    "mobilenet_gam_xla": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
+                                              n_part=2, conv_impl="xla"), (64, 32), 8, 2),
 }
 GROUPS = ("params", "ema_params", "batch_stats", "memory", "opt_state")
 
@@ -162,6 +166,23 @@ def reversed_run(case):
 
 
 def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
+    _check_eight_devices_equal_one(case, eight_device_run, reversed_run)
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device_with_xla_convolutions():
+    """The same with the accelerators' formulation of the convolutions, run on this CPU."""
+    make, image, batch, steps = MODELS["mobilenet_gam_xla"]
+    case = dict(name="mobilenet_gam_xla", model=make(), image=image, batch=batch, steps=steps)
+    assert case["model"].conv_impl == "xla"
+    mesh = parallel.make_mesh()
+    eight = _run_host(mesh, _case_batches(case), model=case["model"], image=image)
+    reversed_run = _run_host(mesh, _case_batches(case, reverse=True), model=case["model"],
+                             image=image)
+    _check_eight_devices_equal_one(case, eight, reversed_run)
+
+
+def _check_eight_devices_equal_one(case, eight_device_run, reversed_run):
     state8, metrics8 = eight_device_run
     state1, metrics1 = _run_host(parallel.make_mesh(jax.devices()[:1]), _case_batches(case),
                                  model=case["model"], image=case["image"])

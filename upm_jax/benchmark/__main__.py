@@ -45,6 +45,7 @@ from upm_jax import config as config_lib  # noqa: E402
 from upm_jax import extract as extract_lib  # noqa: E402
 from upm_jax import methods  # noqa: E402
 from upm_jax import parallel  # noqa: E402
+from upm_jax.benchmark import hlo  # noqa: E402
 from upm_jax.data import FrameTable  # noqa: E402
 from upm_jax.files import atomic_write  # noqa: E402
 from upm_jax.training import trainer as trainer_lib  # noqa: E402
@@ -59,10 +60,25 @@ PEAK_FLOPS = {
     "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
     "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
+# HBM bandwidth per chip by device kind (vendor figures), for the roofline.
+HBM_BANDWIDTH = {"NVIDIA H100": 3.35e12, "NVIDIA H200": 4.8e12, "NVIDIA A100": 2.0e12,
+                 "TPU v4": 1.2e12, "TPU v5 lite": 819e9, "TPU v5p": 2.765e12,
+                 "TPU v6 lite": 1.64e12}
 HEADS = {"dal": "dal", "upm_local": "local", "upm_global": "global"}
 METHOD_OF_HEAD = {head: method for method, head in HEADS.items()}
 # The resident training set the train section samples from (PRID2011-like: 2 cameras).
 _FRAMES, _TRACKLETS_PER_CAMERA = 4096, (89, 89)
+
+
+def roofline_per_s(flops, moved, dtype):
+    """1 / max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) of one device's step: the most
+    steps/s this chip could run (None for a device without figures here)."""
+    bandwidth = next((b for prefix, b in HBM_BANDWIDTH.items()
+                      if jax.devices()[0].device_kind.startswith(prefix)), None)
+    peak = peak_flops(dtype)
+    if not (bandwidth and peak and flops and moved):
+        return None
+    return 1.0 / max(flops / peak, moved / bandwidth)
 
 
 def peak_flops(dtype):
@@ -148,7 +164,10 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
     compiled = lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost and jax.devices()[0].platform == "gpu":   # XLA:GPU has no cost analysis
+        cost = hlo.gpu_cost(compiled, lowered, jax.device_count())
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    moved = float(cost.get("bytes accessed", 0.0)) if cost else 0.0
     memory = compiled.memory_analysis()  # XLA's buffer assignment of one step, per device
     holder = {"state": state, "usage": []}
 
@@ -173,6 +192,7 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
                 flops_per_step=flops,
                 mfu=(flops * steps_per_s / (peak * jax.device_count())) if peak and flops
                 else None,
+                roofline_steps_per_s=roofline_per_s(flops, moved, dtype),
                 xla_temp_mb=memory.temp_size_in_bytes / 2**20 if memory else None,
                 xla_argument_mb=memory.argument_size_in_bytes / 2**20 if memory else None,
                 kernel_s_per_step=float(kernel_s), minor_faults_per_step=float(faults),
