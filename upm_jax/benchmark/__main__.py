@@ -164,8 +164,8 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
     compiled = lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if not cost and jax.devices()[0].platform == "gpu":   # XLA:GPU has no cost analysis
-        cost = hlo.gpu_cost(compiled, lowered, jax.device_count())
+    if not cost and mesh.devices.flat[0].platform == "gpu":   # XLA:GPU has no cost analysis
+        cost = hlo.gpu_cost(compiled, lowered, mesh.size)
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     moved = float(cost.get("bytes accessed", 0.0)) if cost else 0.0
     memory = compiled.memory_analysis()  # XLA's buffer assignment of one step, per device
