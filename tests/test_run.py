@@ -308,6 +308,8 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
     ("train__steps", 0, "config.train.steps=0"),
     ("train__divergence_factor", 0.5, "above 1"),
     ("eval__batch_size", -8, "config.eval.batch_size=-8: expected 0 (chosen per backend)"),
+    ("model__matmul_precision", "fast", "config.model.matmul_precision='fast': expected one of "
+                                        "['default', 'high', 'highest']"),
 ])
 def test_impossible_values_fail_before_any_work(tmp_path, field, value, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
