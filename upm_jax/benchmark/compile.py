@@ -257,9 +257,9 @@ def compile_extract(config, head, mesh, target):
 
 def compile_rows(config, *, config_name, targets, dtypes, precisions, train_set="",
                  steps=("train", "extract")):
-    """One row per (target, model of the method, dtype, precision, step)."""
+    """Yields one row per (target, model of the method, dtype, precision, step), each as
+    soon as it is compiled."""
     shape = train_set_shape(config, train_set)
-    rows = []
     for name in targets:
         mesh = target_mesh(name)
         target = TARGETS[name]
@@ -278,11 +278,10 @@ def compile_rows(config, *, config_name, targets, dtypes, precisions, train_set=
                                 load_average_1min=os.getloadavg()[0])
                     if "train" in steps:
                         fields, _, _ = compile_train(variant, head, mesh, shape, target)
-                        rows.append(dict(base, **fields))
+                        yield dict(base, **fields)
                     if "extract" in steps:
                         fields, _, _ = compile_extract(variant, head, mesh, target)
-                        rows.append(dict(base, **fields))
-    return rows
+                        yield dict(base, **fields)
 
 
 def format_row(row):
