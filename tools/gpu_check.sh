@@ -92,9 +92,9 @@ for r in rows:
 EOF
 
 # 3. the same training steps on this GPU and on this CPU, precision 'highest'
-TRAJ=(--config=configs/demo.py --mode=all --config.train.steps=$TRAJECTORY_STEPS
+TRAJ=(--config=configs/demo.py --mode=all "${DEMO[@]}" --config.train.steps=$TRAJECTORY_STEPS
       --config.train.log_every=1 --config.train.checkpoint_every=$TRAJECTORY_STEPS
-      --config.model.matmul_precision=highest --config.eval.initial=false "${DEMO[@]}")
+      --config.model.matmul_precision=highest --config.eval.initial=false)
 stage trajectory_accelerator 60 "$PY" -m upm_jax.main "${TRAJ[@]}" --workdir="$WORK/accelerator"
 JAX_PLATFORMS=cpu stage trajectory_cpu 60 "$PY" -m upm_jax.main "${TRAJ[@]}" --workdir="$WORK/cpu"
 "$PY" - "$WORK" "$OUT/trajectory.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
