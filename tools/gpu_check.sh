@@ -14,7 +14,8 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh               # on the GPU machine, from the repo root
 #   OUT=/tmp/out bash tools/gpu_check.sh --rehearse    # here, on the CPU at tiny sizes: checks
 #                                                      # every command of the script
-# Files in $OUT: summary.txt (the figures), bench.json, trajectory.json, and one log per stage.
+# Files in $OUT (at most 7): summary.txt (the figures), bench.json, trajectory.json, and the
+# logs setup.log, bench.log, trajectory.log, demo.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -28,12 +29,13 @@ REHEARSE=0 LIMIT_SCALE=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 say() { echo "== $(date +%T) $*" | tee -a "$SUMMARY"; }
-stage() {  # stage NAME SECONDS COMMAND...: runs it under a time limit, its output in $OUT/NAME.log
-  local name=$1 limit=$(($2 * LIMIT_SCALE)); shift 2
+stage() {  # stage NAME LOG SECONDS COMMAND...: runs it under a time limit, its output added to $OUT/LOG.log
+  local name=$1 log=$2 limit=$(($3 * LIMIT_SCALE)); shift 3
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: $*" >> "$OUT/$log.log"
+  timeout "$limit" "$@" >> "$OUT/$log.log" 2>&1
   local rc=$?
-  say "$name: exit $rc after $((SECONDS - start)) s (log: $name.log)"
+  say "$name: exit $rc after $((SECONDS - start)) s (log: $log.log)"
   return $rc
 }
 
@@ -54,27 +56,28 @@ say "upm_jax GPU check ($( [ $REHEARSE = 1 ] && echo 'CPU rehearsal' || echo 'GP
 
 # 1. JAX with CUDA
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  stage install_wheels 120 "$PY" -m pip install --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl \
+  stage install_wheels setup 120 "$PY" -m pip install --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH=$WORK/site:$PYTHONPATH
 fi
 if [ "$REHEARSE" = 0 ] && ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" > /dev/null 2>&1; then
-  stage install_jax 240 "$PY" -m pip install "jax[cuda12]==0.10.2"
+  stage install_jax setup 240 "$PY" -m pip install "jax[cuda12]==0.10.2"
 fi
-"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+"$PY" - <<'EOF' 2>> "$OUT/setup.log" | tee -a "$SUMMARY"
 import jax, flax, optax, orbax.checkpoint
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
       "orbax", orbax.checkpoint.__version__, "devices", jax.devices())
 if jax.__version__ != "0.10.2":
     print("note: upm_jax pins jax 0.10.2; these figures come from jax", jax.__version__)
 EOF
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$SUMMARY" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+  >> "$SUMMARY" 2>> "$OUT/setup.log"
 
 # 2. the benchmark rows
-stage bench_train 210 "$PY" -m upm_jax.benchmark --sections train --backbones mobilenet_v1 \
+stage bench_train bench 210 "$PY" -m upm_jax.benchmark --sections train --backbones mobilenet_v1 \
   --heads dal,upm_local,upm_global --dtypes float32,bfloat16 "${BENCH_SIZE[@]}" --out "$OUT/bench.json"
-stage bench_extract 60 "$PY" -m upm_jax.benchmark --sections extract --backbones mobilenet_v1 \
+stage bench_extract bench 60 "$PY" -m upm_jax.benchmark --sections extract --backbones mobilenet_v1 \
   --heads upm_local --dtypes float32,bfloat16 "${BENCH_SIZE[@]}" --out "$WORK/extract.json"
-"$PY" - "$OUT/bench.json" "$WORK/extract.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+"$PY" - "$OUT/bench.json" "$WORK/extract.json" <<'EOF' 2>> "$OUT/bench.log" | tee -a "$SUMMARY"
 import json, os, sys
 rows = []
 for path in sys.argv[1:]:
@@ -95,9 +98,9 @@ EOF
 TRAJ=(--config=configs/demo.py --mode=all "${DEMO[@]}" --config.train.steps=$TRAJECTORY_STEPS
       --config.train.log_every=1 --config.train.checkpoint_every=$TRAJECTORY_STEPS
       --config.model.matmul_precision=highest --config.eval.initial=false)
-stage trajectory_accelerator 60 "$PY" -m upm_jax.main "${TRAJ[@]}" --workdir="$WORK/accelerator"
-JAX_PLATFORMS=cpu stage trajectory_cpu 60 "$PY" -m upm_jax.main "${TRAJ[@]}" --workdir="$WORK/cpu"
-"$PY" - "$WORK" "$OUT/trajectory.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+stage trajectory_accelerator trajectory 60 "$PY" -m upm_jax.main "${TRAJ[@]}" --workdir="$WORK/accelerator"
+JAX_PLATFORMS=cpu stage trajectory_cpu trajectory 60 "$PY" -m upm_jax.main "${TRAJ[@]}" --workdir="$WORK/cpu"
+"$PY" - "$WORK" "$OUT/trajectory.json" <<'EOF' 2>> "$OUT/trajectory.log" | tee -a "$SUMMARY"
 import json, os, sys
 import numpy as np
 from upm_jax import evaluation
@@ -123,7 +126,7 @@ print(f"{len(gap)} steps: loss gap {gap[0]:.1e} at step 1, max {max(gap):.1e}"
 EOF
 
 # 4. the demo
-stage demo 75 "$PY" -m upm_jax.main --config=configs/demo.py --workdir="$WORK/demo" "${DEMO[@]}"
+stage demo demo 75 "$PY" -m upm_jax.main --config=configs/demo.py --workdir="$WORK/demo" "${DEMO[@]}"
 tail -n 12 "$OUT/demo.log" >> "$SUMMARY"
 say "done"
 rm -rf "$WORK"
