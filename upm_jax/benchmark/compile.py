@@ -131,8 +131,9 @@ def target_mesh(name):
 
 def train_set_shape(config, override=""):
     """The training set's frame and tracklet counts that shape the step: `override`
-    ("FRAMES:T1,T2,..."), else the dataset folder when present, else the protocol files
-    shipped with upm_jax (the largest of the config's splits)."""
+    ("FRAMES:T1,T2,..."), else the dataset folder when present (or the synthetic set the
+    config generates), else the protocol files shipped with upm_jax; frames of the largest
+    of the config's splits, as a run pads its resident frames to them."""
     if override:
         frames, _, tracklets = override.partition(":")
         try:
@@ -158,10 +159,15 @@ def train_set_shape(config, override=""):
 
 
 def _shape_on_disk(config, root, split_file):
-    dataset = data_lib.load_dataset(config.data.layout, root, split_file=split_file or None,
-                                    splits=config.data.splits)
-    return trainer_lib.TrainSetShape(dataset.train.num_frames,
-                                     tuple(dataset.train.tracklets_per_camera))
+    """The shape a run of the config's splits trains with: its resident frames are padded
+    to its largest split (run.py), its anchor memory is the first split's."""
+    split_file = split_file or None
+    plan = data_lib.resolve_splits(config.data.layout, root, config.data.splits, split_file)
+    dataset = data_lib.load_dataset(config.data.layout, root, split=plan.numbers[0],
+                                    split_file=split_file, splits=config.data.splits)
+    return trainer_lib.TrainSetShape(
+        max(plan.train_frames.values(), default=dataset.train.num_frames),
+        tuple(dataset.train.tracklets_per_camera))
 
 
 def peak_flops(target, dtype, precision):
