@@ -17,11 +17,11 @@ float32 models: 1e-5. bfloat16 models: their features are only defined up to the
 rounding, which is measured at export as the same error between upm_jax's bfloat16
 features and the same weights computed in float32 (r). An artifact is exact to that
 rounding when it lies within 2r of upm_jax's features: two computations that each differ
-from the exact (float32) features by at most r differ from each other by at most 2r. (A
-single bfloat16 rounding, 2^-8, is no bound: upm_jax's own bfloat16 features move by up to
-3e-3 between batch sizes, and lie 3.6e-3 to 4.6e-3 from float32, on MobileNet and ResNet.)
-ONNX has no bfloat16 convolution, so its graph computes in float32: its distance from
-upm_jax's bfloat16 features is r itself.
+from the exact (float32) features by about r differ from each other by up to 2r. A single
+bfloat16 rounding (2^-8 = 3.9e-3) is no bound: on the CPU demo model r is 1.5e-2, and
+a bfloat16 artifact computing the same arithmetic with other convolutions lies 1.8e-2
+from upm_jax's (docs/export.md). ONNX has no bfloat16 convolution, so its graph computes
+in float32: its distance from upm_jax's bfloat16 features is r itself.
 """
 import datetime
 import importlib
@@ -156,7 +156,7 @@ def export(extractor, fmt, out):
                 f"the {fmt} artifact's features differ from upm_jax's by {checked['error']:.3g} "
                 f"(max over frames and parts of |a - b| / |b|), above the tolerance "
                 f"{checked['tolerance']:.3g}{why}; nothing written")
-        record = describe(extractor, fmt, out, details, checked, _size(staged))
+        record = describe(extractor, fmt, out, details, checked, artifact_bytes(staged))
         os.replace(staged, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -165,7 +165,8 @@ def export(extractor, fmt, out):
     return record
 
 
-def _size(path):
+def artifact_bytes(path):
+    """Bytes of the artifact at `path` (a file, or a folder's files together)."""
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(root, name))
