@@ -209,6 +209,22 @@ def test_export_computes_what_the_run_extracted_and_scored(finished_run, fmt, tm
     error = artifact.feature_error(feats, finished_run["features"]["frame_feat"])
     assert error < 1e-5
     assert _evaluated_like_the_run(finished_run, feats, tmp_path) == finished_run["results"]
+    if fmt == "savedmodel":  # converts to TFLite's builtin operators, and computes the same
+        assert artifact.feature_error(_tflite_features(out, frames[:9]), feats[:9]) < 1e-5
+
+
+def _tflite_features(savedmodel, frames):
+    import tensorflow as tf
+    converter = tf.lite.TFLiteConverter.from_saved_model(savedmodel)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    frames_in, features_out = (interpreter.get_input_details()[0]["index"],
+                               interpreter.get_output_details()[0]["index"])
+    interpreter.resize_tensor_input(frames_in, list(frames.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(frames_in, frames)
+    interpreter.invoke()
+    return interpreter.get_tensor(features_out)
 
 
 @pytest.mark.slow
