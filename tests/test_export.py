@@ -89,7 +89,7 @@ def test_load_gives_the_runs_features_and_pooling_exactly(finished_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(split=2), "split 2: models 'lam', 'gam' have checkpoints only for splits [1]"),
+    (dict(split=2), "split 2: models 'lam', 'gam' have finished training only for splits [1]"),
     (dict(models=["dal"]), "model 'dal': the workdir's method 'upm' trains ['lam', 'gam']"),
     (dict(batch_size=12), "batch_size=12: expected a positive multiple of the 8 devices"),
 ])
@@ -97,6 +97,23 @@ def test_load_errors_name_what_is_wrong(finished_run, kwargs, message):
     with pytest.raises(ExtractorError) as e:
         upm_jax.load(finished_run["workdir"], **kwargs)
     assert message in str(e.value)
+
+
+@pytest.mark.slow
+def test_an_unfinished_workdir_is_refused_unless_asked(finished_run, tmp_path):
+    """The same checkpoints recorded for a run of twice the steps: training not finished."""
+    config = Workdir(finished_run["workdir"]).read_record()
+    config.train.steps = 2 * STEPS
+    Workdir(str(tmp_path)).write_record(config)
+    os.symlink(finished_run["split"].path, tmp_path / "split_1")
+    with pytest.raises(ExtractorError) as e:
+        upm_jax.load(str(tmp_path))
+    assert str(e.value) == (
+        f"workdir {str(tmp_path)!r} is not finished: no split where models 'lam', 'gam' have "
+        f"trained config.train.steps={2 * STEPS} steps (split 1: lam at step {STEPS}, gam at "
+        f"step {STEPS}); finish it with python -m upm_jax.main --mode train --workdir {tmp_path}")
+    loaded = upm_jax.load(str(tmp_path), unfinished=True, models=["gam"])
+    assert [(m.name, m.step) for m in loaded.models] == [("gam", STEPS)]
 
 
 def test_load_of_a_folder_that_is_no_workdir(tmp_path):
@@ -257,6 +274,38 @@ def test_bfloat16_export_is_exact_to_the_models_own_rounding(finished_run, tmp_p
     assert check["tolerance"] == 2 * check["bfloat16_rounding"]
     # ONNX computes the float32 model: its distance from bfloat16 is the rounding itself
     assert check["error"] == pytest.approx(check["bfloat16_rounding"], rel=0.01)
+
+
+@pytest.mark.parametrize("fmt,out,message", [
+    ("tflite", "x.tflite", "format 'tflite': expected one of ['onnx', 'savedmodel', "
+                           "'stablehlo']"),
+    ("onnx", "missing/x.onnx", "x.onnx: its folder {tmp}/missing does not exist"),
+    ("savedmodel", "existing_file", "existing_file exists: a savedmodel is a folder"),
+])
+def test_cli_checks_format_and_out_before_loading(tmp_path, capsys, fmt, out, message):
+    (tmp_path / "existing_file").write_bytes(b"")
+    # the workdir does not exist: the format and the output are refused first
+    assert export_cli.main(["--workdir", str(tmp_path / "no_run"), "--format", fmt,
+                            "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def write_half(extractor, path):
+        with open(path, "wb") as f:
+            f.write(b"half an artifact")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_graph, "write", write_half)
+    (tmp_path / "x.onnx").write_bytes(b"the previous artifact")
+    with pytest.raises(artifact.ExportError, match=r"x.onnx: cannot write the artifact "
+                                                   r"\(\[Errno 28\] No space left on device\); "
+                                                   r"nothing written"):
+        artifact.export(None, "onnx", str(tmp_path / "x.onnx"))
+    assert os.listdir(tmp_path) == ["x.onnx"]
+    assert (tmp_path / "x.onnx").read_bytes() == b"the previous artifact"
 
 
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):

@@ -198,19 +198,22 @@ def _describe(value):
 
 
 def load(workdir, *, split: Optional[int] = None, models: Optional[Sequence[str]] = None,
-         batch_size: Optional[int] = None) -> Extractor:
+         batch_size: Optional[int] = None, unfinished: bool = False) -> Extractor:
     """The Extractor of a finished workdir (a folder written by `python -m upm_jax.main`).
 
-    `split`: which split's models (default: the lowest split where all of them have a
-    checkpoint); `models`: model names to load (default: the method's test feature, all
-    its models: `upm` -> lam and gam); `batch_size`: frames per call (default: extraction's,
-    config.eval.batch_size or the per-backend choice). Each model's latest checkpoint, its
-    EMA weights.
+    `split`: which split's models (default: the lowest split where all of them have
+    finished training, config.train.steps); `models`: model names to load (default: the
+    method's test feature, all its models: `upm` -> lam and gam); `batch_size`: frames per
+    call (default: extraction's, config.eval.batch_size or the per-backend choice);
+    `unfinished`: accept models whose training has not reached config.train.steps (their
+    newest checkpoint; the Grad-CAM tool looks at runs in progress). Each model's latest
+    checkpoint, its EMA weights.
     """
+    where = os.fspath(workdir)
     run_dir = Workdir(workdir)
     config = run_dir.read_record()
     if config is None:
-        raise ExtractorError(f"workdir {os.fspath(workdir)!r} has no config.json: expected a "
+        raise ExtractorError(f"workdir {where!r} has no config.json: expected a "
                              "folder written by python -m upm_jax.main")
     heads = dict(methods.METHODS[config.method])
     names = list(heads) if models is None else list(models)
@@ -220,26 +223,39 @@ def load(workdir, *, split: Optional[int] = None, models: Optional[Sequence[str]
                                  f"trains {list(heads)}")
     which = (f"model {names[0]!r} has" if len(names) == 1
              else "models " + ", ".join(repr(n) for n in names) + " have")
-    by_split = {k: [m for m in run_dir.split(k).models(config.method) if m.name in names]
+    by_split = {k: sorted((m for m in run_dir.split(k).models(config.method) if m.name in names),
+                          key=lambda m: names.index(m.name))
                 for k in run_dir.recorded_splits()}
-    trained = [k for k, dirs in by_split.items()
-               if all(m.latest_step() is not None for m in dirs)]
-    if not trained:
-        raise ExtractorError(f"workdir {os.fspath(workdir)!r}: no split where {which} a "
-                             f"checkpoint (expected {os.fspath(workdir)}/split_K/<model>/"
-                             "checkpoints/): train first")
-    split = trained[0] if split is None else int(split)
-    if split not in trained:
-        raise ExtractorError(f"split {split}: {which} checkpoints only for splits {trained}")
+    steps = {k: [m.latest_step() for m in dirs] for k, dirs in by_split.items()}
+    needed = 0 if unfinished else config.train.steps
+    ready = [k for k, found in steps.items()
+             if found and all(s is not None and s >= needed for s in found)]
+    started = {k: found for k, found in steps.items() if any(s is not None for s in found)}
+    if not started:
+        raise ExtractorError(f"workdir {where!r}: no split where {which} a checkpoint "
+                             f"(expected {where}/split_K/<model>/checkpoints/): train first")
+    if not ready:
+        progress = "; ".join(
+            f"split {k}: " + ", ".join(f"{m.name} at step {s}" if s is not None
+                                       else f"{m.name} without a checkpoint"
+                                       for m, s in zip(by_split[k], found))
+            for k, found in started.items())
+        raise ExtractorError(
+            f"workdir {where!r} is not finished: no split where {which} trained "
+            f"config.train.steps={config.train.steps} steps ({progress}); finish it with "
+            f"python -m upm_jax.main --mode train --workdir {where}")
+    split = ready[0] if split is None else int(split)
+    if split not in ready:
+        what = "checkpoints" if unfinished else "finished training"
+        raise ExtractorError(f"split {split}: {which} {what} only for splits {ready}")
     mesh = parallel.make_mesh(jax.local_devices())
     restored = []
-    for model_dir in sorted(by_split[split], key=lambda m: names.index(m.name)):
-        step = model_dir.latest_step()
+    for model_dir, step in zip(by_split[split], steps[split]):
         model, variables = extract.restore_inference(config, model_dir, mesh, step)
         restored.append(TrainedModel(model_dir.name, model_dir.head, int(step), model, variables))
     if batch_size is None:
         batch_size = extract.extraction_batch(config, mesh)
     return Extractor(restored, image_size=config.data.image_size, batch_size=batch_size,
                      mesh=mesh, pooling=config.eval.pooling, distance=config.eval.distance,
-                     method=config.method, workdir=os.path.abspath(os.fspath(workdir)),
+                     method=config.method, workdir=os.path.abspath(where),
                      split=split, config=config)

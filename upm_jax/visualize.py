@@ -200,10 +200,10 @@ def restore_from_workdir(workdir: str, model_name: Optional[str] = None,
                          split: Optional[int] = None) -> Restored:
     """The EMA inference model of one trained model of a workdir, restored by the Python API
     (`upm_jax.extractor.load`). Defaults: the method's first model, the lowest split where
-    the models have checkpoints."""
+    the models have checkpoints (finished training or not)."""
     from upm_jax import extractor as extractor_lib
 
-    loaded = extractor_lib.load(workdir, split=split,
+    loaded = extractor_lib.load(workdir, split=split, unfinished=True,
                                 models=None if model_name is None else [model_name])
     chosen = loaded.models[0]
     return Restored(chosen.model, chosen.variables, loaded.image_size, chosen.name,

@@ -17,13 +17,13 @@ def _parser():
         description="Export a trained workdir's feature extractor (uint8 frames -> features) "
                     "with a JSON file beside it describing its contract.")
     p.add_argument("--workdir", required=True, help="a folder written by python -m upm_jax.main")
-    p.add_argument("--format", required=True, choices=["stablehlo", "onnx", "savedmodel"],
+    p.add_argument("--format", required=True, metavar="F",
                    help="stablehlo: jax.export (CPU, CUDA, TPU); onnx: opset 17 for "
                         "onnxruntime; savedmodel: TensorFlow (TF Serving, TFLite conversion)")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="the artifact to write (a folder for savedmodel); PATH.json beside it")
     p.add_argument("--split", type=int, default=None,
-                   help="split K (default: the lowest split where the models have checkpoints)")
+                   help="split K (default: the lowest split where the models finished training)")
     p.add_argument("--model", action="append", default=None, metavar="NAME",
                    help="export only this model (dal, lam or gam; repeatable; default: the "
                         "method's test feature, all its models)")
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from upm_jax.export import artifact
 
     try:
+        artifact.check_output(args.format, args.out)  # before the models are restored
         extractor = extractor_lib.load(args.workdir, split=args.split, models=args.model)
         record = artifact.export(extractor, args.format, args.out)
     except (artifact.ExportError, extractor_lib.ExtractorError) + run.USER_ERRORS as e:

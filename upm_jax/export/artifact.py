@@ -33,7 +33,6 @@ import tempfile
 
 import numpy as np
 
-from upm_jax.files import atomic_write
 
 # format -> the module that writes and runs it (`write(extractor, path) -> details`,
 # `open_artifact(path) -> uint8 frames -> float32 features`).
@@ -129,23 +128,36 @@ def _in_float32(extractor):
                      mesh=extractor.mesh)
 
 
-def export(extractor, fmt, out):
-    """Writes `extractor`'s features in format `fmt` at `out` (a file; a folder for
-    savedmodel) and `out`.json, after checking the artifact; returns the JSON record.
-
-    Nothing is written when the check fails or anything else goes wrong. An existing file
-    `out` is replaced; an existing folder is an error (it is never deleted).
-    """
+def check_output(fmt, out):
+    """(the format's module, the absolute artifact path) when format `fmt` can be written
+    at `out`; else an ExportError saying why. Asked before anything is computed."""
     module = format_module(fmt)
     out = os.path.abspath(os.fspath(out).rstrip(os.sep))
     parent = os.path.dirname(out)
     if os.path.isdir(out):
         raise ExportError(f"--out {out} is an existing folder: give a new path (the export "
                           "never deletes a folder)")
+    if fmt == "savedmodel" and os.path.exists(out):
+        raise ExportError(f"--out {out} exists: a savedmodel is a folder, give a new path")
     if not os.path.isdir(parent):
         raise ExportError(f"--out {out}: its folder {parent} does not exist")
-    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: its folder {parent} is not writable")
+    return module, out
+
+
+def export(extractor, fmt, out):
+    """Writes `extractor`'s features in format `fmt` at `out` (a file; a folder for
+    savedmodel) and `out`.json, after checking the artifact; returns the JSON record.
+
+    Both are written in a staging folder beside `out` and moved into place only when the
+    check passes: nothing is written when it fails or anything else goes wrong. An existing
+    file `out` is replaced; an existing folder is an error (it is never deleted).
+    """
+    module, out = check_output(fmt, out)
+    staging = None
     try:
+        staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=os.path.dirname(out))
         staged = os.path.join(staging, os.path.basename(out))
         details = module.write(extractor, staged)
         checked = parity(extractor, module.open_artifact(staged))
@@ -157,11 +169,16 @@ def export(extractor, fmt, out):
                 f"(max over frames and parts of |a - b| / |b|), above the tolerance "
                 f"{checked['tolerance']:.3g}{why}; nothing written")
         record = describe(extractor, fmt, out, details, checked, artifact_bytes(staged))
+        with open(sidecar_path(staged), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
         os.replace(staged, out)
+        os.replace(sidecar_path(staged), sidecar_path(out))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write the artifact ({e}); nothing written") \
+            from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    text = json.dumps(record, indent=2)
-    atomic_write(sidecar_path(out), lambda f: f.write(text), mode="w")
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
