@@ -174,6 +174,38 @@ def test_onnx_graph_computes_the_model(backbone, heads, image_size):
     assert artifact.feature_error(got, extractor(frames)) < 1e-5
 
 
+@pytest.mark.slow
+def test_stablehlo_compiles_the_accelerator_convolutions_at_highest(tmp_path):
+    """One artifact for every platform: compiled ahead of time for a TPU v5e and an H100
+    (compile-only devices, the `aot` extra), its LAM and GAM models' 13 depthwise layers each
+    are XLA's grouped convolutions and every product is at HIGHEST precision although the
+    models were built with model.matmul_precision='default'; on the CPU the taps."""
+    from upm_jax import parallel
+    from upm_jax.benchmark import compile as compile_lib
+    from upm_jax.benchmark import hlo
+    from upm_jax.export import stablehlo
+
+    extractor = _random_extractor("mobilenet_v1", ("local", "global"), 64)
+    extractor = Extractor([m._replace(model=m.model.clone(matmul_precision="default"))
+                           for m in extractor.models], image_size=64, batch_size=8)
+    path = str(tmp_path / "features.stablehlo")
+    details = stablehlo.write(extractor, path)
+    assert details["platforms"] == ["cpu", "cuda", "tpu"]
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    meshes = {name: compile_lib.target_mesh(name) for name in ("v5e:1x1", "h100")}
+    meshes["cpu"] = parallel.make_mesh(jax.devices()[:1])
+    for name, mesh in meshes.items():
+        frames = jax.ShapeDtypeStruct((8, 64, 32, 3), jnp.uint8,
+                                      sharding=parallel.batch_sharding(mesh))
+        compiled = jax.jit(exported.call).lower(frames).compile()
+        stats = hlo.summary(compiled.as_text())
+        grouped = stats["convolutions"].get("grouped convolution", 0)
+        assert grouped == (0 if name == "cpu" else 2 * 13), name
+        if name != "cpu":
+            assert set(stats["operand_precision"]) == {"highest"}, name
+
+
 def test_feature_error_is_relative_to_each_part_vector():
     ref = np.zeros((2, 3, 4), np.float32)
     ref[..., 0] = [[1.0, 2.0, 1e-3], [4.0, 1.0, 0.0]]

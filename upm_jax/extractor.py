@@ -143,12 +143,15 @@ class Extractor:
                 [np.asarray(f)[:count] for f in feats], axis=2)
         return out
 
-    def feature_function(self, conv_impl=None):
+    def feature_function(self, conv_impl=None, matmul_precision=None):
         """A pure `uint8 [B, H, W, 3] -> float32 [B, P, D]` function of JAX arrays with the
         variables closed over as host constants (what the exports serialise): the
-        preprocessing and every model's features, concatenated along D. `conv_impl`:
-        the models' convolution formulation (`models.layers.CONV_IMPLS`; None: theirs)."""
-        models = [(m.model if conv_impl is None else m.model.clone(conv_impl=conv_impl),
+        preprocessing and every model's features, concatenated along D. `conv_impl`,
+        `matmul_precision`: the models' convolution formulation (`models.layers.CONV_IMPLS`)
+        and product precision (`models.MATMUL_PRECISIONS`); None: theirs."""
+        changes = {k: v for k, v in (("conv_impl", conv_impl),
+                                     ("matmul_precision", matmul_precision)) if v is not None}
+        models = [(m.model.clone(**changes),
                    jax.tree.map(np.asarray, jax.device_get(m.variables))) for m in self.models]
 
         def features(frames):

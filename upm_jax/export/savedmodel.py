@@ -19,14 +19,14 @@ INPUT, OUTPUT = "frames", "features"
 
 def write(extractor, path):
     """Writes the Extractor's features as a SavedModel folder at `path`; the format's details."""
-    import jax
     import tensorflow as tf
     from jax.experimental import jax2tf
 
     from upm_jax.export.stablehlo import PLATFORMS
 
     height, width = extractor.image_shape
-    convert = jax2tf.convert(extractor.feature_function(conv_impl="xla"),
+    convert = jax2tf.convert(extractor.feature_function(conv_impl="xla",
+                                                        matmul_precision="highest"),
                              polymorphic_shapes=["(N, ...)"],
                              native_serialization_platforms=PLATFORMS, with_gradient=False)
 
@@ -37,8 +37,7 @@ def write(extractor, path):
             return {OUTPUT: convert(frames)}
 
     module = Features()
-    with jax.default_matmul_precision("highest"):  # jax2tf traces when the function is saved
-        tf.saved_model.save(module, path, signatures={SIGNATURE: module.__call__})
+    tf.saved_model.save(module, path, signatures={SIGNATURE: module.__call__})
     return {"signature": SIGNATURE, "input": INPUT, "output": OUTPUT,
             "tensorflow": tf.__version__, "platforms": list(PLATFORMS), "precision": "HIGHEST",
             "compute_dtype": extractor.dtype.name,

@@ -1,11 +1,14 @@
 """The StableHLO artifact: the feature extractor serialised with `jax.export`.
 
 One file for CPU, CUDA and TPU at once, with a symbolic batch size N. The models' weights
-are constants inside it. Each convolution keeps the formulation chosen per platform when
-the artifact is compiled (`models.layers`: shifted multiply-adds and matrix products on
-XLA:CPU, XLA's convolution elsewhere), and float32 products run at HIGHEST precision on
-every platform (no TF32 on CUDA, no single bfloat16 pass on TPU), so the artifact computes
-the float32 model wherever it runs. A consumer needs only `jax`:
+are constants inside it. Each convolution keeps the formulation chosen per platform
+(`models.layers`: shifted multiply-adds and matrix products on XLA:CPU, XLA's convolution
+elsewhere): exported for several platforms, `lax.platform_dependent` becomes a branch on
+the platform the module is compiled for, so a GPU or TPU compiles XLA's convolutions
+(tests/test_export.py compiles the artifact for a TPU v5e and an H100 and counts them).
+Every product runs at HIGHEST precision whatever the run's `model.matmul_precision` (no
+TF32 on CUDA, no single bfloat16 pass on TPU), so the artifact computes the float32 model
+wherever it runs. A consumer needs only `jax`:
 
     exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
     features = exported.call(frames)            # uint8 [N, H, W, 3] -> float32 [N, P, D]
@@ -26,9 +29,8 @@ def write(extractor, path):
     height, width = extractor.image_shape
     batch, = jax.export.symbolic_shape("N")
     spec = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
-    with jax.default_matmul_precision("highest"):
-        exported = jax.export.export(jax.jit(extractor.feature_function()),
-                                     platforms=PLATFORMS)(spec)
+    exported = jax.export.export(jax.jit(extractor.feature_function(matmul_precision="highest")),
+                                 platforms=PLATFORMS)(spec)
     with open(path, "wb") as f:
         f.write(exported.serialize())
     return {"platforms": list(exported.platforms),
