@@ -319,9 +319,11 @@ def test_cli_defaults_to_the_first_model_and_the_last_map(upm_workdir, tmp_path,
 @pytest.mark.parametrize("args,expected", [
     (["--layer", "Conv2d_99"], "'Conv2d_99' is not an endpoint of mobilenet_v1; expected one "
                                "of: Conv2d_0, Conv2d_1_depthwise"),
-    (["--model", "dal"], "--model 'dal': the workdir's method 'upm' trains ['lam', 'gam']"),
-    (["--split", "3"], "--split 3: model 'lam' has checkpoints only for splits [1]"),
-    (["--workdir", "/nonexistent/run"], "'/nonexistent/run' has no config.json"),
+    (["--model", "dal"], "model 'dal': the workdir's method 'upm' trains ['lam', 'gam']"),
+    (["--split", "3"], "split 3: models 'lam', 'gam' have checkpoints only for splits [1]"),
+    (["--model", "gam", "--split", "3"],
+     "split 3: model 'gam' has checkpoints only for splits [1]"),
+    (["--workdir", "/nonexistent/run"], "workdir '/nonexistent/run' has no config.json"),
     (["missing.png"], "cannot decode image missing.png"),
 ])
 def test_cli_user_errors_exit_2_with_a_message(upm_workdir, tmp_path, capsys, args, expected):
