@@ -230,9 +230,11 @@ def frame_labels(paths: Sequence[str]):
 def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence[str],
          title: str, stripes=(), dpi: int = 110):
     """One row per frame: the frame, then each map over it; a shared colour bar (PNG, atomic).
+    Returns the matplotlib Figure.
 
     frames: uint8 [B, H, W, 3]; cams: [B, M, H, W] in [0, 1], overall first, then parts;
-    stripes: per part (top, bottom) image rows, outlined on that part's map.
+    stripes: per part (top, bottom) image rows, outlined on that part's map (and the title
+    says what the dashed lines are).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -271,9 +273,13 @@ def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence
                        cax=fig.add_subplot(grid[:, -1]))
     bar.set_label("Grad-CAM (normalised)", fontsize=7)
     bar.ax.tick_params(labelsize=6)
+    if stripes:
+        title += "\ndashed lines: the stripe of the frame that the part's feature pools"
     fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.08, right=0.9, top=1 - 0.55 / fig.get_figheight(), bottom=0.02)
+    top = 0.55 + 0.15 * title.count("\n")   # inches for the title's lines
+    fig.subplots_adjust(left=0.08, right=0.9, top=1 - top / fig.get_figheight(), bottom=0.02)
     atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
+    return fig
 
 
 def visualize(workdir: str, frame_paths: Sequence[str], out_png: str, *,

@@ -22,6 +22,7 @@ from upm_jax import data as data_lib
 from upm_jax import extract
 from upm_jax import methods
 from upm_jax import parallel
+from upm_jax import progress
 from upm_jax.progress import say
 from upm_jax.training import metrics as metrics_lib
 from upm_jax.training import optim
@@ -262,7 +263,12 @@ def _train_loop(config, trainer, checkpoints, writer, start, where):
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start
     for step, batch in zip(range(start, total), trainer.batches(start)):
-        pending.append((step, trainer.step(batch)))
+        if step == start:   # the call that compiles the step; the rate counts from after it
+            with progress.compiling(bar, "the training step"):
+                pending.append((step, trainer.step(batch)))
+            last_time = time.perf_counter()
+        else:
+            pending.append((step, trainer.step(batch)))
         done = step + 1
         save = done % config.train.checkpoint_every == 0 or done == total
         if done % config.train.log_every == 0 or save:
