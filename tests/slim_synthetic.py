@@ -91,15 +91,17 @@ def port_weights_cli(argv) -> int:
     return main(argv)
 
 
-def run_ported(backbone, scope, values, weights_path, images):
+def run_ported(backbone, scope, values, weights_path, images, conv_impl="auto"):
     """Our DAL model with the ported weights and the checkpoint's own moving statistics
-    (set directly, since the port deliberately skips them): (features, endpoints)."""
+    (set directly, since the port deliberately skips them): (features, endpoints).
+    `conv_impl`: the model's convolution formulation ('auto': on this CPU the taps and
+    matrix products; 'xla': XLA's convolution, what GPUs and TPUs run)."""
     import jax
     from flax import traverse_util
 
     from upm_jax.models import build_model, load_pretrained
 
-    model = build_model(backbone, "dal")
+    model = build_model(backbone, "dal", conv_impl=conv_impl)
     variables = model.init(jax.random.key(0), images[:1], train=False)
     variables = load_pretrained(variables, weights_path)
     stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")

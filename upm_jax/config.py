@@ -69,6 +69,10 @@ def get_base_config():
     config.model.depth_multiplier = 1.0      # MobileNet v1 only
     config.model.n_part = 8                  # stripes for upm_local / upm_global
     config.model.dtype = "float32"           # compute dtype: float32 | bfloat16
+    # Precision of float32 matrix products and convolutions on GPU/TPU: highest (float32, as
+    # the CPU and the originals compute) | high | default (TPU: bfloat16 passes, GPU: TF32;
+    # faster, different numbers): docs/training.md, "Precision".
+    config.model.matmul_precision = "highest"
     config.model.train_relation = False      # False = the originals' frozen GAM relation layers
     # BatchNorm moving-average decay; None = slim's (MobileNet 0.9997, ResNet 0.997).
     config.model.bn_decay = ml_collections.config_dict.placeholder(float)
@@ -199,6 +203,7 @@ def check_config(config, *, num_devices):
     _one_of(config, "method", sorted(methods.METHODS))
     _one_of(config, "model.backbone", sorted(methods.BACKBONES))
     _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "model.matmul_precision", methods.MATMUL_PRECISIONS)
     _one_of(config, "train.optimizer", OPTIMIZERS)
     _one_of(config, "train.anchor_init", ANCHOR_INITS)
     _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",

@@ -7,6 +7,7 @@ the features file the evaluator reads (`upm_jax.evaluation` format) as it is ext
 so memory does not grow with the test set (MARS: 681,089 frames); the montage paths file
 is written next to it, and on request the `.mat` files the original MATLAB scripts load.
 """
+import functools
 import itertools
 import os
 import warnings
@@ -115,15 +116,18 @@ def write_model_features(config, eval_set, model, variables, model_dir, stem, me
         say(f"{model_dir.label}: wrote the MATLAB files in {model_dir.mat}")
 
 
+@functools.lru_cache(maxsize=16)
 def make_feature_fn(model, mesh):
-    """A jitted `(variables, uint8 images [B,H,W,3]) -> float32 features [B, P, D]`."""
+    """A jitted `(variables, uint8 images [B,H,W,3]) -> float32 features [B, P, D]`, the
+    same function for an equal model and mesh (so every split's extractions, and the
+    untrained network's, share one compilation per batch shape)."""
     batch_sharding = parallel.batch_sharding(mesh)
 
-    def features(variables, images):
+    def extract_features(variables, images):
         images = images.astype(jnp.float32) / 127.5 - 1.0
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
-    return jax.jit(features, out_shardings=batch_sharding)
+    return jax.jit(extract_features, out_shardings=batch_sharding)
 
 
 def frame_feature_batches(model, variables, frames, *, mesh, batch_size,

@@ -94,6 +94,8 @@ def main(argv):
     import jax  # Imported here so the environment above applies.
 
     from upm_jax import parallel  # noqa: PLC0415
+    from upm_jax import runtime  # noqa: PLC0415
+    runtime.enable_compilation_cache()
     try:
         parallel.initialize(_DISTRIBUTED.value)
     except parallel.DistributedError as e:

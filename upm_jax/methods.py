@@ -3,7 +3,7 @@ becomes model fields: model code itself never sees a config)."""
 import jax.numpy as jnp
 
 from upm_jax import models
-from upm_jax.models import BACKBONES
+from upm_jax.models import BACKBONES, MATMUL_PRECISIONS
 
 # method -> the models it trains, as (sub-folder name, head). `upm` evaluates the
 # per-part concatenation of its LAM and GAM models' features.
@@ -14,7 +14,7 @@ METHODS = {
     "upm": (("lam", "local"), ("gam", "global")),
 }
 
-__all__ = ["BACKBONES", "METHODS", "build_model", "image_shape", "num_parts"]
+__all__ = ["BACKBONES", "MATMUL_PRECISIONS", "METHODS", "build_model", "image_shape", "num_parts"]
 
 
 def num_parts(config, head):
@@ -33,4 +33,4 @@ def build_model(config, head):
         config.model.backbone, head, n_part=num_parts(config, head),
         depth_multiplier=config.model.depth_multiplier,
         dtype=jnp.dtype(config.model.dtype), train_relation=config.model.train_relation,
-        bn_decay=config.model.bn_decay)
+        bn_decay=config.model.bn_decay, matmul_precision=config.model.matmul_precision)

@@ -4,7 +4,7 @@ Readers and tables need only NumPy/SciPy/Pillow; the pipeline functions import J
 """
 from upm_jax.data.images import decode_resize, resize_bilinear_tf1
 from upm_jax.data.readers import (LAYOUTS, SplitPlan, check_split_spec, inspect_disk, load_dataset,
-                                  resolve_splits, tracklets_on_disk)
+                                  protocol_training_sets, resolve_splits, tracklets_on_disk)
 from upm_jax.data.table import DatasetError, FrameTable, ReidDataset
 
 
@@ -22,6 +22,6 @@ def __getattr__(name):
 
 
 __all__ = ["DatasetError", "FrameTable", "LAYOUTS", "ReidDataset", "decode_resize",
-           "SplitPlan", "check_split_spec", "inspect_disk", "load_dataset", "resize_bilinear_tf1", "resolve_splits",
-           "tracklets_on_disk",
+           "SplitPlan", "check_split_spec", "inspect_disk", "load_dataset",
+           "protocol_training_sets", "resize_bilinear_tf1", "resolve_splits", "tracklets_on_disk",
            *_PIPELINE]

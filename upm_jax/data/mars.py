@@ -63,6 +63,11 @@ def _read_mat(info_dir: str, stem: str, tree=LOCAL) -> tuple:
     return np.asarray(arrays[0]).astype(np.int64), path
 
 
+def read_train_info() -> tuple:
+    """(tracks_train_info rows [start, end, pid, camera], its path) as shipped with upm_jax."""
+    return _read_mat(SHIPPED, "tracks_train_info")
+
+
 def _tracklets(info: np.ndarray, info_path: str, names: list, folder: str) -> list:
     if info.ndim != 2 or info.shape[1] != 4 or info.shape[0] == 0:
         raise DatasetError(f"{info_path}: expected a non-empty [T, 4] array "

@@ -240,27 +240,40 @@ def train_batches(table: FrameTable, frames, *, global_batch: int, seed: int, me
                for k, v in host.items()}
 
 
-def load_resident(table: FrameTable, frames, mesh, *, loading: Loading = Loading()) -> dict:
+def load_resident(table: FrameTable, frames, mesh, *, rows: int | None = None,
+                  loading: Loading = Loading()) -> dict:
     """All training frames, replicated on the mesh's devices.
 
-    Returns {"image": uint8 [N,H,W,3], "track": int32 [N], "camera": int32 [N]} jax.Arrays.
-    With several processes each reads an equal share of the frames and the shares are
-    all-gathered, so no host reads the whole set (every host then holds all of it, as
-    its devices need a replica).
+    Returns {"image": uint8 [R,H,W,3], "track": int32 [R], "camera": int32 [R]} jax.Arrays
+    with R = `rows` (default N, the table's frames): rows N.. are zero padding that no
+    batch samples (batches draw rows below N), so the splits of a run padded to one R share
+    one compiled training step. With several processes each reads an equal share of the
+    frames and the shares are all-gathered, so no host reads the whole set (every host
+    then holds all of it, as its devices need a replica).
     """
+    n = table.num_frames
+    total = n if rows is None else int(rows)
+    if total < n:
+        raise ValueError(f"load_resident: rows={total} is fewer than the table's {n} frames")
     count, index = jax.process_count(), jax.process_index()
-    share = -(-table.num_frames // count)
-    rows = np.arange(index * share, min((index + 1) * share, table.num_frames))
-    local = np.zeros((share, *frames.image_shape, 3), np.uint8)  # the last share padded
+    share = -(-n // count)
+    mine = np.arange(index * share, min((index + 1) * share, n))
+    # one process reads into the padded whole; several pad their last share to equal length
+    local = np.zeros((total if count == 1 else share, *frames.image_shape, 3), np.uint8)
     source = OrderedBatches(frames, batch_size=_RESIDENT_CHUNK,
-                            local=np.arange(_RESIDENT_CHUNK), rows=rows)
+                            local=np.arange(_RESIDENT_CHUNK), rows=mine)
     for k, chunk in enumerate(_iterate(source, 0, loading)):
         at = k * _RESIDENT_CHUNK
         local[at:at + int(chunk["valid"].sum())] = chunk["image"][chunk["valid"]]
-    image = local if count == 1 else np.asarray(
-        multihost_utils.process_allgather(local, tiled=True))[:table.num_frames]
-    host = {"image": image, "track": table.track.astype(np.int32),
-            "camera": table.camera.astype(np.int32)}
+    if count == 1:
+        image = local
+    else:
+        image = np.zeros((total, *frames.image_shape, 3), np.uint8)
+        image[:n] = np.asarray(multihost_utils.process_allgather(local, tiled=True))[:n]
+    pad = total - n
+    host = {"image": image,
+            "track": np.concatenate([table.track.astype(np.int32), np.zeros(pad, np.int32)]),
+            "camera": np.concatenate([table.camera.astype(np.int32), np.zeros(pad, np.int32)])}
     replicated = parallel.replicated(mesh)
     return {k: jax.make_array_from_callback(v.shape, replicated, lambda idx, v=v: v[idx])
             for k, v in host.items()}

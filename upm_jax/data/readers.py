@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from upm_jax.data import common, dukev, ilidsvid, mars, person_splits, prid2011, twocam
 from upm_jax.data.table import DatasetError, ReidDataset
 from upm_jax.data.tree import LOCAL
@@ -23,6 +25,10 @@ class SplitPlan:
     numbers: list      # 1-based split numbers, in run order
     protocol: str
     available: list    # every split number the source has
+    # split number -> its training frames on disk (two-camera layouts; empty for the
+    # single-protocol ones): a run pads its resident frames to the largest, so its splits
+    # share one compiled training step
+    train_frames: dict = dataclasses.field(default_factory=dict)
 
 
 def _check_layout(layout: str) -> None:
@@ -59,8 +65,9 @@ def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = 
     inventory = twocam.scan(_TWOCAM[layout], root, tree)
     source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file or None,
                                   tree)
-    return SplitPlan(person_splits.select(source, spec, str(splits), field), source.protocol,
-                     source.numbers)
+    numbers = person_splits.select(source, spec, str(splits), field)
+    return SplitPlan(numbers, source.protocol, source.numbers,
+                     {n: twocam.train_frames(inventory, source, n) for n in numbers})
 
 
 def check_split_spec(splits, field: str = "splits") -> None:
@@ -128,3 +135,27 @@ def survey(layout: str, root: str, tree) -> None:
         load_dataset(layout, root, tree=tree)
     except DatasetError:
         pass
+
+
+def protocol_training_sets(layout: str, splits="1") -> list:
+    """(training frames, tracklets per camera) of each split of `splits` under the protocol
+    files shipped with upm_jax, without the dataset (the shapes of an ahead-of-time compile).
+    PRID2011 / iLIDS-VID: the official split lists and their frame counts; MARS:
+    tracks_train_info.mat. DukeMTMC-VideoReID ships no such file: DatasetError."""
+    _check_layout(layout)
+    if layout in SPLIT_LAYOUTS:
+        source = person_splits.read_split_file(_TWOCAM[layout].default_split_file)
+        spec = person_splits.parse_spec(splits)
+        if spec.is_random:
+            raise DatasetError(f"splits={splits!r}: random splits depend on the folder on disk; "
+                               "the shipped protocol has numbered splits only")
+        chosen = [source.get(n) for n in (spec.numbers or source.numbers)]
+        return [(sum(s.frames["train"].values()), (len(s.train), len(s.train))) for s in chosen]
+    if layout == "mars":
+        _single_protocol(layout, splits, None)
+        info, _ = mars.read_train_info()
+        cameras = info[:, 3] - 1   # rows [start, end, pid, camera], 1-based
+        return [(int(np.sum(info[:, 1] - info[:, 0] + 1)),
+                 tuple(int(n) for n in np.bincount(cameras)))]
+    raise DatasetError(f"{layout}: upm_jax ships no protocol file with its training set; "
+                       "read it from the dataset folder instead")

@@ -227,6 +227,12 @@ def build(layout: TwoCamLayout, inventory: Inventory, source: SplitSource,
                        protocol=source.protocol, directions=layout.directions)
 
 
+def train_frames(inventory: Inventory, source: SplitSource, number: int) -> int:
+    """Frames on disk of the training persons of split `number` (both cameras)."""
+    return sum(len(frames.get(p, ())) for p in source.get(int(number)).train
+               for frames in inventory.frames)
+
+
 def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None,
          splits: str = "1", tree=LOCAL) -> ReidDataset:
     """Reads a two-camera benchmark under split `split` of the source `splits` resolves to."""
