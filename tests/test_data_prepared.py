@@ -339,7 +339,8 @@ def compilation_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", synthetic.LAYOUTS)
 def test_a_run_from_the_prepared_set_alone_gives_the_raw_folders_results(tmp_path, layout,
-                                                                           compilation_cache):
+                                                                           compilation_cache,
+                                                                           capsys):
     from repo_configs import get_config
     from upm_jax import run
     info = synthetic.generate(layout, str(tmp_path / "release"), ids=8, seed=0)
@@ -350,7 +351,7 @@ def test_a_run_from_the_prepared_set_alone_gives_the_raw_folders_results(tmp_pat
         c.data.layout, c.data.root = layout, info["root"]
         c.data.split_file, c.data.num_cameras = info["split_file"] or "", 0
         c.data.synthetic_ids, c.data.image_size, c.data.resident = 0, 64, False
-        c.train.batch_size, c.train.steps, c.train.checkpoint_every = 16, 2, 2
+        c.train.batch_size, c.train.steps, c.train.checkpoint_every = 16, 2, 1
         c.eval.batch_size, c.eval.initial = 64, False
         c.data.update(data)
         return c
@@ -358,12 +359,19 @@ def test_a_run_from_the_prepared_set_alone_gives_the_raw_folders_results(tmp_pat
     run.run(config(workers=0), str(tmp_path / "raw"))
     shutil.rmtree(info["root"])
     # the set alone: the release folder is gone and config.data.root is empty (a split file
-    # the config names in the folder is the one the set recorded); extraction reads the
-    # recorded test set. PRID2011 reads through grain worker processes.
+    # the config names in the folder is the one the set recorded); training resumes from
+    # step 1 (its last checkpoint lost); extraction reads the recorded test set. PRID2011
+    # reads through grain worker processes.
     data = dict(source="prepared", data_dir=str(tmp_path / "sets"), root="",
                 workers=1 if layout == "prid2011" else 0, prefetch=1)
-    for mode in ("train", "extract", "evaluate"):
-        run.run(config(**data), str(tmp_path / "prepared"), mode)
+    workdir = str(tmp_path / "prepared")
+    run.run(config(**data), workdir, "train")
+    shutil.rmtree(tmp_path / "prepared" / "split_1" / "lam" / "checkpoints" / "2")
+    capsys.readouterr()
+    run.run(config(**data), workdir, "train")
+    assert "resuming from the checkpoint of step 1" in capsys.readouterr().err
+    for mode in ("extract", "evaluate"):
+        run.run(config(**data), workdir, mode)
     results = []
     for name in ("raw", "prepared"):
         with open(tmp_path / name / "results.json") as f:
