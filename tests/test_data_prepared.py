@@ -1,20 +1,25 @@
 """Prepared TFDS sets: every layout's frames stored resized, batches byte-identical to the raw
-folder's and to the reference decode + TF1 resize, unreadable frames, the prepare command,
-no TensorFlow on the reading path, and a run from a prepared set."""
+folder's and to the reference decode + TF1 resize, the set's record of the release folder
+(the same tables, splits and protocol without the folder), unreadable frames, the prepare
+command, no TensorFlow on the reading path, and a run from a prepared set alone."""
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import scipy.io
 
 from upm_jax import config as config_lib
-from upm_jax.data import (DatasetError, RawFrames, batch_indices, images, load_dataset,
-                          ordered_batches, synthetic)
+from upm_jax.data import (DatasetError, RawFrames, batch_indices, images, inspect_disk,
+                          load_dataset, ordered_batches, resolve_splits, synthetic,
+                          tracklets_on_disk)
 from upm_jax.data import __main__ as data_cli
-from upm_jax.data import prepared
+from upm_jax.data import eval_set, prepared, tree
 from upm_jax.data.pipeline import OrderedBatches, StepBatches
 
 SIZE = 96   # 128x64 frames -> 96x48: a resize whose weights are not powers of two
@@ -33,7 +38,7 @@ def sets(tmp_path_factory):
     for layout in synthetic.LAYOUTS:
         base = tmp_path_factory.mktemp(layout)
         ds = _generate(base / "release", layout)
-        prepared.prepare(layout, ds.root, SIZE, str(base / "prepared"), threads=2)
+        prepared.prepare(layout, str(base / "release"), SIZE, str(base / "prepared"), threads=2)
         out[layout] = ds, str(base / "prepared")
     return out
 
@@ -106,6 +111,116 @@ def test_records_follow_the_table_whatever_the_split(sets, tmp_path):
     with pytest.raises(DatasetError, match=r"no prepared prid2011 set of image size 128 .*"
                                            r"python -m upm_jax.data prepare --layout prid2011"):
         prepared.PreparedSet(data_dir, "prid2011", 128)
+
+
+def _portable(obj, root):
+    """`obj` (datasets, tables, plans, listings) as plain values with the release folder
+    `root` written ROOT: what the folder and its record mounted elsewhere must agree on."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _portable(getattr(obj, f.name), root) for f in dataclasses.fields(obj)}
+    if isinstance(obj, np.ndarray):
+        return _portable(obj.tolist(), root)
+    if isinstance(obj, dict):
+        return {k: _portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_portable(v, root) for v in obj]
+    return obj.replace(root, "ROOT") if isinstance(obj, str) else obj
+
+
+def _everything_read(layout, root, release, split_file=None):
+    """What the readers build from the release folder `root` read through the tree
+    `release`: the disk report, the listing and the protocol of every kind of split spec."""
+    out = {"disk": inspect_disk(layout, root, release),
+           "listing": tracklets_on_disk(layout, root, release),
+           "datasets": [load_dataset(layout, root, tree=release)]}
+    if layout in ("prid2011", "ilidsvid"):
+        out["plans"] = [resolve_splits(layout, root, spec, tree=release)
+                        for spec in ("all", "random:5:2")]
+        out["datasets"] += [load_dataset(layout, root, split=3, tree=release),
+                            load_dataset(layout, root, split=2, splits="random:5:2",
+                                         tree=release)]
+        if split_file:   # a config's split file inside the release folder
+            out["datasets"].append(load_dataset(layout, root, split=2, tree=release,
+                                                split_file=os.path.join(root, split_file)))
+    return _portable(out, root)
+
+
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_the_sets_record_gives_the_folders_tables_splits_and_protocol(sets, layout, tmp_path):
+    ds, data_dir = sets[layout]
+    prepared_set = prepared.PreparedSet(data_dir, layout, SIZE)
+    release = prepared_set.release.root
+    assert release == os.path.dirname(data_dir) + os.sep + "release"
+    split_file = f"{layout}_splits.json" if layout in ("prid2011", "ilidsvid") else None
+    from_folder = _everything_read(layout, release, tree.LOCAL, split_file)
+    assert from_folder["datasets"][0]["train"] == _portable(ds.train, release)
+    # mounted where no folder exists, so that every answer comes from the record
+    elsewhere = str(tmp_path / "not_here")
+    assert from_folder == _everything_read(layout, elsewhere,
+                                           prepared_set.release_tree(elsewhere), split_file)
+    # the record holds listings and protocol files, never a frame
+    record = prepared_set.release
+    assert not any(name.lower().endswith((".png", ".jpg")) for name in record.contents)
+    assert sum(len(files) for _, files in record.folders.values()) >= (
+        ds.train.num_frames + ds.test.num_frames)
+
+
+def test_a_split_file_beside_the_release_comes_with_the_set_and_the_folder_can_go(tmp_path):
+    # the iLIDS-VID release: the split .mat sits next to the folder given as the root
+    top = tmp_path / "download"
+    info = synthetic.generate("ilidsvid", str(top / "i-LIDS-VID"), ids=4, seed=2,
+                              frames=(1, 2), size=(16, 8))
+    os.remove(info["split_file"])
+    ls_set = np.stack([np.random.default_rng(k).permutation(4) + 1 for k in range(3)])
+    os.makedirs(top / "train-test people splits")
+    scipy.io.savemat(str(top / "train-test people splits" / "train_test_splits_ilidsvid.mat"),
+                     {"ls_set": ls_set.astype(np.float64)})
+    root = info["root"]
+    prepared.prepare("ilidsvid", root, 32, str(tmp_path / "sets"))
+    expected = _everything_read("ilidsvid", root, tree.LOCAL)
+    assert "this folder's own split file" in expected["datasets"][0]["protocol"]
+    assert "train_test_splits_ilidsvid.mat" in expected["datasets"][0]["protocol"]
+    shutil.rmtree(top)
+    prepared_set = prepared.PreparedSet(str(tmp_path / "sets"), "ilidsvid", 32)
+    assert _everything_read("ilidsvid", root, prepared_set.release_tree()) == expected
+
+
+def test_a_recorded_test_set_is_read_against_the_sets_record(sets, tmp_path):
+    ds, data_dir = sets["prid2011"]
+    prepared_set = prepared.PreparedSet(data_dir, "prid2011", SIZE)
+    release = prepared_set.release.root
+    path = str(tmp_path / "test_set.npz")
+    eval_set.write(path, ds, release)   # as a run from the raw folder records it
+    elsewhere = str(tmp_path / "not_here")
+    read = eval_set.read(path, elsewhere, prepared_set.release_tree(elsewhere))
+    assert [os.path.relpath(p, elsewhere) for p in read.test.path] == [
+        os.path.relpath(p, release) for p in ds.test.path]
+    assert np.array_equal(prepared_set.records(read.test.path),
+                          prepared_set.records(ds.test.path))
+    # recorded relative to another folder: its frames are not in the release recorded here
+    eval_set.write(path, ds, ds.root)
+    with pytest.raises(DatasetError, match=r"test frames recorded in .* are missing from the "
+                                           r"release folder that the prepared set .* records"):
+        eval_set.read(path, elsewhere, prepared_set.release_tree(elsewhere))
+
+
+def test_a_set_without_the_record_of_its_release_is_refused(sets, tmp_path):
+    _, data_dir = sets["dukev"]
+    current = prepared.dataset_dir(data_dir, "dukev", SIZE)
+    old = os.path.join(os.path.dirname(prepared.dataset_dir(str(tmp_path / "old"), "dukev",
+                                                            SIZE)), "1.0.0")
+    shutil.copytree(current, old)
+    os.remove(os.path.join(old, prepared.RELEASE_RECORD))
+    with pytest.raises(DatasetError, match=r"holds a prepared dukev set of version 1\.0\.0, made "
+                                           r"by an older upm_jax: it does not record the release "
+                                           r"folder.*prepare it again with python -m "
+                                           r"upm_jax.data prepare --layout dukev"):
+        prepared.PreparedSet(str(tmp_path / "old"), "dukev", SIZE)
+    partial = prepared.dataset_dir(str(tmp_path / "partial"), "dukev", SIZE)
+    shutil.copytree(current, partial)
+    os.remove(os.path.join(partial, prepared.RELEASE_RECORD))
+    with pytest.raises(DatasetError, match=r"the set has no release_record.json.gz"):
+        prepared.PreparedSet(str(tmp_path / "partial"), "dukev", SIZE)
 
 
 def test_unreadable_frames_stop_preparing_or_are_skipped_and_listed(tmp_path):
@@ -188,7 +303,11 @@ def test_config_fields_of_the_input_are_checked():
         config_lib.check_config(config, num_devices=1)
 
     check(source="prepared", data_dir="/sets", workers=0, prefetch=1)
+    check(source="prepared", data_dir="/sets", root="")   # the set records its release
     for data, message in [
+            (dict(root=""), "config.data.root is empty: set it to the raw dataset folder, e.g. "
+                            "--config.data.root=/data/prid_2011, or read a set prepared from "
+                            "it (config.data.source='prepared', config.data.data_dir=DIR)"),
             (dict(source="tfrecord"), "config.data.source='tfrecord': expected one of"),
             (dict(source="prepared"), "needs config.data.data_dir"),
             (dict(source="prepared", data_dir="gs://b/sets"), "copy it there first"),
@@ -198,32 +317,82 @@ def test_config_fields_of_the_input_are_checked():
             check(**data)
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for the runs of this module, so that a run compiles
+    nothing an earlier one did (the same executables: it is only faster)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+    fields = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("compilation_cache")),
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in fields}
+    for name, value in fields.items():
+        jax.config.update(name, value)
+    cache.reset_cache()
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cache.reset_cache()
+
+
 @pytest.mark.slow
-def test_a_run_from_the_prepared_set_gives_the_raw_folders_results(tmp_path):
+@pytest.mark.parametrize("layout", synthetic.LAYOUTS)
+def test_a_run_from_the_prepared_set_alone_gives_the_raw_folders_results(tmp_path, layout,
+                                                                           compilation_cache,
+                                                                           capsys):
     from repo_configs import get_config
     from upm_jax import run
-    root = str(tmp_path / "release")
-    info = synthetic.generate("prid2011", root, ids=8, seed=0)
-    prepared.prepare("prid2011", info["root"], 64, str(tmp_path / "sets"))
+    info = synthetic.generate(layout, str(tmp_path / "release"), ids=8, seed=0)
+    prepared.prepare(layout, info["root"], 64, str(tmp_path / "sets"))
 
     def config(**data):
         c = get_config("demo")
-        c.data.root, c.data.split_file = root, info["split_file"]
+        c.data.layout, c.data.root = layout, info["root"]
+        c.data.split_file, c.data.num_cameras = info["split_file"] or "", 0
         c.data.synthetic_ids, c.data.image_size, c.data.resident = 0, 64, False
-        c.train.batch_size, c.train.steps, c.train.checkpoint_every = 16, 2, 2
+        c.train.batch_size, c.train.steps, c.train.checkpoint_every = 16, 2, 1
         c.eval.batch_size, c.eval.initial = 64, False
         c.data.update(data)
         return c
 
-    results = {}
-    for name, data in (("raw", dict(workers=0)),
-                       ("prepared", dict(source="prepared", data_dir=str(tmp_path / "sets"),
-                                         workers=1, prefetch=1))):
-        run.run(config(**data), str(tmp_path / name))
+    run.run(config(workers=0), str(tmp_path / "raw"))
+    shutil.rmtree(info["root"])
+    # the set alone: the release folder is gone and config.data.root is empty (a split file
+    # the config names in the folder is the one the set recorded); training resumes from
+    # step 1 (its last checkpoint lost); extraction reads the recorded test set. PRID2011
+    # reads through grain worker processes.
+    data = dict(source="prepared", data_dir=str(tmp_path / "sets"), root="",
+                workers=1 if layout == "prid2011" else 0, prefetch=1)
+    workdir = str(tmp_path / "prepared")
+    run.run(config(**data), workdir, "train")
+    shutil.rmtree(tmp_path / "prepared" / "split_1" / "lam" / "checkpoints" / "2")
+    capsys.readouterr()
+    run.run(config(**data), workdir, "train")
+    assert "resuming from the checkpoint of step 1" in capsys.readouterr().err
+    for mode in ("extract", "evaluate"):
+        run.run(config(**data), workdir, mode)
+    results = []
+    for name in ("raw", "prepared"):
         with open(tmp_path / name / "results.json") as f:
-            results[name] = json.load(f)
-    assert results["raw"] == results["prepared"]
-    # the features themselves, bit for bit (a 3-step model's rankings are mostly ties)
-    features = [np.load(tmp_path / name / "split_1" / "lam" / "features.npz")["frame_feat"]
-                for name in ("raw", "prepared")]
-    assert features[0].shape[0] > 0 and np.array_equal(*features)
+            results.append(json.load(f))
+    assert results[0] == results[1]
+    # the features themselves, bit for bit (a 2-step model's rankings are mostly ties), and
+    # the test set each recorded, relative to the release folder
+    for stem in ("lam/features.npz", "test_set.npz"):
+        arrays = [np.load(tmp_path / name / "split_1" / stem) for name in ("raw", "prepared")]
+        assert sorted(arrays[0].files) == sorted(arrays[1].files)
+        for key in arrays[0].files:
+            assert np.array_equal(arrays[0][key], arrays[1][key]), (stem, key)
+
+
+def test_a_run_from_a_set_that_lacks_a_frame_names_it_and_the_prepare_command(sets, tmp_path):
+    ds, data_dir = sets["dukev"]
+    prepared_set = prepared.PreparedSet(data_dir, "dukev", SIZE)
+    new = os.path.join(os.path.dirname(ds.train.path[0]), "new.jpg")   # added after preparing
+    with pytest.raises(DatasetError, match=(
+            r"1 frames of the table are not in the prepared set .*, e\.g\. train/\S+/new\.jpg: "
+            r"the release folder changed after preparing; prepare the set again with "
+            r"python -m upm_jax\.data prepare --layout dukev --root RELEASE_FOLDER "
+            r"--image-size 96 --data-dir ")):
+        prepared_set.records(np.append(ds.train.path, new))

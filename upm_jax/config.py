@@ -44,15 +44,16 @@ def get_base_config():
 
     config.data = ml_collections.ConfigDict()
     config.data.layout = ""            # prid2011 | ilidsvid | mars | dukev
-    config.data.root = ""              # the raw dataset folder, exactly as distributed
+    config.data.root = ""              # the raw dataset folder, exactly as distributed (source "raw")
     config.data.splits = "1"           # '3', '1,2,5', 'all' or 'random:SEED[:COUNT]' (PRID2011 / iLIDS-VID)
     config.data.split_file = ""        # our JSON, torchreid's list JSON or the iLIDS-VID .mat; '' = the shipped lists
     config.data.num_cameras = 0        # expected camera count, checked against the data (0 = any)
     config.data.image_size = 256       # frames are resized to (image_size, image_size // 2)
     config.data.resident = False       # keep the uint8 training frames on the accelerator
     # Where frames are read: "raw" decodes the image files under root; "prepared" reads the
-    # set `python -m upm_jax.data prepare` wrote under data_dir (frames stored resized; the
-    # protocol still comes from root). Both give byte-identical batches.
+    # set `python -m upm_jax.data prepare` wrote under data_dir (frames stored resized, with
+    # its record of the release folder, from which the same readers build the protocol:
+    # root is not read). Both give byte-identical batches.
     config.data.source = "raw"
     config.data.data_dir = ""          # the prepare command's --data-dir (a local folder)
     # grain worker processes reading batches (0 = threads of the training process;
@@ -60,7 +61,7 @@ def get_base_config():
     config.data.workers = -1
     config.data.prefetch = 2           # batches each reader reads ahead
     config.data.skip_corrupt = False   # skip (and report) unreadable images instead of failing
-    config.data.synthetic_ids = 0      # > 0: generate a synthetic set of this many ids if root is empty
+    config.data.synthetic_ids = 0      # > 0: generate a synthetic set of this many ids if root is absent (raw)
     config.data.synthetic_seed = 0     # seed of that generated set (independent of config.seed)
 
     config.model = ml_collections.ConfigDict()
@@ -244,9 +245,10 @@ def check_config(config, *, num_devices):
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ConfigError(f"config.data.prefetch={prefetch!r}: expected a number of batches "
                           ">= 1")
-    if not config.data.root:
+    if not config.data.root and config.data.source == "raw":
         raise ConfigError("config.data.root is empty: set it to the raw dataset folder, e.g. "
-                          "--config.data.root=/data/prid_2011")
+                          "--config.data.root=/data/prid_2011, or read a set prepared from it "
+                          "(config.data.source='prepared', config.data.data_dir=DIR)")
     data_lib.check_split_spec(config.data.splits, field="config.data.splits")
 
 

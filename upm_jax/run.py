@@ -21,6 +21,7 @@ from upm_jax import parallel
 from upm_jax.config import ConfigError
 from upm_jax.data import eval_set as eval_set_lib
 from upm_jax.data import person_splits, synthetic
+from upm_jax.data import tree as tree_lib
 from upm_jax.evaluation import summary as summary_lib
 from upm_jax.progress import say
 from upm_jax.training import trainer as trainer_lib
@@ -128,7 +129,7 @@ def _splits(config, workdir, *, recorded_first=False):
     """The 1-based splits to run, where they come from (a line to print) and their training
     frame counts on disk ({split: frames}; empty where the plan does not count them).
 
-    Resolved against the raw folder (`data.resolve_splits`). With `recorded_first`
+    Resolved against the release folder (`data.resolve_splits`). With `recorded_first`
     (extraction, evaluation), the split folders a run already left in the workdir come
     first, so these stages work on a machine that holds only the test frames, or no
     dataset at all.
@@ -144,9 +145,23 @@ def _splits(config, workdir, *, recorded_first=False):
                               f"folder in {workdir.path!r}; it holds splits {recorded} (train "
                               "them first with --mode train or all)")
         return wanted, f"the split folders recorded in {workdir.path}", {}
-    plan = data_lib.resolve_splits(config.data.layout, config.data.root, config.data.splits,
-                                   config.data.split_file or None, field=field)
+    root, tree = _release(config)
+    plan = data_lib.resolve_splits(config.data.layout, root, config.data.splits,
+                                   config.data.split_file or None, field=field, tree=tree)
     return plan.numbers, plan.protocol, plan.train_frames
+
+
+def _release(config):
+    """(root, tree): the release folder the readers read and the file tree that answers for
+    it. From a prepared set, the set's record of the folder it was prepared from (that
+    folder need not exist here, and config.data.root is not read); otherwise the folder
+    config.data.root names, on disk."""
+    if config.data.source == "prepared":
+        from upm_jax.data import prepared  # noqa: PLC0415  (imports TFDS)
+        release = prepared.open_set(config.data.data_dir, config.data.layout,
+                                    config.data.image_size).release_tree()
+        return release.mount, release
+    return config.data.root, tree_lib.LOCAL
 
 
 def _prepare_workdir(workdir):
@@ -161,9 +176,10 @@ def _prepare_workdir(workdir):
 
 
 def _generate_synthetic(config):
-    """Writes the config's synthetic dataset when asked for and not on disk yet."""
+    """Writes the config's synthetic dataset when asked for and not on disk yet (a run
+    from a prepared set reads no folder)."""
     root = config.data.root
-    if config.data.synthetic_ids:
+    if config.data.synthetic_ids and config.data.source == "raw":
         if jax.process_index() == 0 and not os.path.isdir(root):
             say(f"generating a synthetic {config.data.layout} set ({config.data.synthetic_ids} "
                 f"ids, seed {config.data.synthetic_seed}) in {root}")
@@ -174,10 +190,11 @@ def _generate_synthetic(config):
 
 
 def _load_dataset(config, split):
-    """The split's train and test tables from the raw folder; records the test side in
-    the split's folder for later extractions. Reading a prepared set, the frames it
-    skipped as unreadable are the ones `data.skip_corrupt` leaves out (none is decoded)."""
-    root = config.data.root
+    """The split's train and test tables from the release folder (`_release`); records the
+    test side in the split's folder for later extractions. Reading a prepared set, the
+    frames it skipped as unreadable are the ones `data.skip_corrupt` leaves out (none is
+    decoded)."""
+    root, tree = _release(config)
     unreadable = None
     if config.data.source == "prepared":
         from upm_jax.data import prepared  # noqa: PLC0415  (imports TFDS)
@@ -185,7 +202,8 @@ def _load_dataset(config, split):
                                        config.data.image_size).unreadable
     dataset = data_lib.load_dataset(
         config.data.layout, root, split=split.number, split_file=config.data.split_file or None,
-        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt, unreadable=unreadable)
+        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt, unreadable=unreadable,
+        tree=tree)
     expected = config.data.num_cameras
     if expected and dataset.num_cameras != expected:
         raise ConfigError(
@@ -203,7 +221,8 @@ def _load_dataset(config, split):
 
 
 def _eval_set(config, split):
-    """The split's test frames: as recorded by training, else read from the raw folder."""
+    """The split's test frames: as recorded by training, else read from the release
+    folder (either way through `_release`)."""
     if os.path.isfile(split.eval_set):
-        return eval_set_lib.read(split.eval_set, config.data.root)
+        return eval_set_lib.read(split.eval_set, *_release(config))
     return _load_dataset(config, split)

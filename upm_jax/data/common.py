@@ -1,4 +1,8 @@
-"""Helpers shared by the layout readers: root resolution, listing, corrupt-image screening."""
+"""Helpers shared by the layout readers: root resolution, listing, corrupt-image screening.
+
+Every question about the release folder goes to a file tree (`upm_jax.data.tree`): the
+disk by default, or the record a prepared set keeps of the folder.
+"""
 from __future__ import annotations
 
 import concurrent.futures
@@ -8,13 +12,14 @@ from typing import Sequence
 import numpy as np
 
 from upm_jax.data import images
+from upm_jax.data.tree import LOCAL
 from upm_jax.data.table import DatasetError, FrameTable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def resolve_root(root: str, candidates: Sequence[str], required: Sequence[str], layout: str,
-                 expected: str) -> str:
+                 expected: str, tree=LOCAL) -> str:
     """Returns the first `root/candidate` holding every `required` sub-folder.
 
     Raises one error that shows the expected layout when none does.
@@ -23,29 +28,27 @@ def resolve_root(root: str, candidates: Sequence[str], required: Sequence[str], 
         raise DatasetError(f"{layout}: no dataset root given; expected a folder laid out as\n"
                            f"{expected}")
     root = os.path.abspath(os.path.expanduser(str(root)))
-    if not os.path.isdir(root):
+    if not tree.isdir(root):
         raise DatasetError(f"{layout}: dataset root {root} does not exist or is not a folder; "
                            f"expected a folder laid out as\n{expected}")
     for cand in candidates:
         base = os.path.join(root, cand) if cand else root
-        if all(os.path.isdir(os.path.join(base, r)) for r in required):
+        if all(tree.isdir(os.path.join(base, r)) for r in required):
             return base
     tried = ", ".join(os.path.join(root, c) if c else root for c in candidates)
     raise DatasetError(f"{layout}: {root} is not laid out as expected (looked for "
                        f"{'/, '.join(required)}/ in {tried}); expected\n{expected}")
 
 
-def list_dirs(folder: str) -> list:
+def list_dirs(folder: str, tree=LOCAL) -> list:
     """Sorted names of the visible sub-folders of `folder`."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    return [name for name in tree.listdir(folder)[0] if not name.startswith(".")]
 
 
-def list_images(folder: str) -> list:
+def list_images(folder: str, tree=LOCAL) -> list:
     """Sorted names of the image files in `folder` (hidden and non-image files ignored)."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".")
-                      and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+    return [name for name in tree.listdir(folder)[1]
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def name_list(items: Sequence[str], limit: int = 12) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from upm_jax.data import common
 from upm_jax.data.table import (DatasetError, ReidDataset, build_table,
                                 cameras_without_training, per_camera)
+from upm_jax.data.tree import LOCAL
 
 FRAME_RE = re.compile(r"(\d+)_?C(\d+)_?F(\d+)_?X(\d+)\.(?i:jpg|jpeg|png)")
 EXPECTED = ("  ROOT/train/0001/0001/0001_C6_F0099_X30823.jpg ...\n"
@@ -24,17 +25,17 @@ EXPECTED = ("  ROOT/train/0001/0001/0001_C6_F0099_X30823.jpg ...\n"
             "PPPP_Cc_Ffff_Xxxxxx.jpg or PPPPCcFfffXxxxxx.jpg)")
 
 
-def read_folder(folder: str) -> list:
+def read_folder(folder: str, tree=LOCAL) -> list:
     """[(camera0, pid, [paths])] of one of train/query/gallery, in protocol order."""
     out = []
-    for pdir in common.list_dirs(folder):
+    for pdir in common.list_dirs(folder, tree):
         if not pdir.isdigit():
             raise DatasetError(f"{os.path.join(folder, pdir)}: person folder name is not a number")
         pid = int(pdir)
-        for tdir in common.list_dirs(os.path.join(folder, pdir)):
+        for tdir in common.list_dirs(os.path.join(folder, pdir), tree):
             tpath = os.path.join(folder, pdir, tdir)
             parsed, bad = [], []
-            for name in common.list_images(tpath):
+            for name in common.list_images(tpath, tree):
                 m = FRAME_RE.fullmatch(name)
                 if m is None:
                     bad.append(name)
@@ -57,9 +58,9 @@ def read_folder(folder: str) -> list:
     return out
 
 
-def load(root: str) -> ReidDataset:
+def load(root: str, tree=LOCAL) -> ReidDataset:
     """Reads DukeMTMC-VideoReID under its official train/query/gallery protocol."""
-    base, parts = tracklets_on_disk(root)
+    base, parts = tracklets_on_disk(root, tree)
     num_cameras = max(c for part in parts.values() for c, _, _ in part) + 1
     train = build_table(parts["train"], num_cameras)
     test = build_table(parts["query"] + parts["gallery"], num_cameras)
@@ -70,16 +71,17 @@ def load(root: str) -> ReidDataset:
                        warnings=cameras_without_training(train, "DukeMTMC-VideoReID"))
 
 
-def tracklets_on_disk(root: str) -> tuple:
+def tracklets_on_disk(root: str, tree=LOCAL) -> tuple:
     """(base folder, {"train" | "query" | "gallery": [(camera0, pid, [paths])]}): every
     tracklet on disk in protocol order."""
     base = common.resolve_root(root, ("", "DukeMTMC-VideoReID"), ("train", "query", "gallery"),
-                               "dukev", EXPECTED)
-    return base, {p: read_folder(os.path.join(base, p)) for p in ("train", "query", "gallery")}
+                               "dukev", EXPECTED, tree)
+    return base, {p: read_folder(os.path.join(base, p), tree)
+                  for p in ("train", "query", "gallery")}
 
 
-def inventory(root: str) -> dict:
+def inventory(root: str, tree=LOCAL) -> dict:
     """What the train/query/gallery folders hold per camera (the protocol is the folders)."""
-    base, parts = tracklets_on_disk(root)
+    base, parts = tracklets_on_disk(root, tree)
     return {"layout": "dukev", "root": base,
             "parts": {p: per_camera(t) for p, t in parts.items()}}

@@ -9,6 +9,7 @@ or custom MARS-layout set brings its own protocol). pid 0 = distractor, -1 = jun
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 
@@ -18,6 +19,7 @@ import scipy.io
 from upm_jax.data import common
 from upm_jax.data.table import (DatasetError, ReidDataset, build_table,
                                 cameras_without_training, per_camera)
+from upm_jax.data.tree import LOCAL
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", "mars")
 NAME_RE = re.compile(r"(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})\.jpg")
@@ -30,12 +32,15 @@ NAMES_HELP = ("{path} is missing. MARS frame order is defined by the evaluation 
               "MARS evaluation code (github.com/liangzheng06/MARS-evaluation) into {info}/")
 
 
-def _read_names(info_dir: str, fname: str) -> list:
+def _read_names(info_dir: str, fname: str, tree=LOCAL) -> list:
     path = os.path.join(info_dir, fname)
-    if not os.path.isfile(path):
+    if not tree.isfile(path):
         raise DatasetError(NAMES_HELP.format(path=path, info=info_dir))
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    try:
+        text = tree.read(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path} as a text file: {e}") from e
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     bad = [n for n in names if not NAME_RE.fullmatch(n)]
     if bad:
         raise DatasetError(f"{path}: frame names that do not parse as PPPPCcTttttFfff.jpg: "
@@ -43,13 +48,13 @@ def _read_names(info_dir: str, fname: str) -> list:
     return names
 
 
-def _read_mat(info_dir: str, stem: str) -> tuple:
+def _read_mat(info_dir: str, stem: str, tree=LOCAL) -> tuple:
     """Loads the one array of `stem`.mat from ROOT/info/ if present, else the shipped copy."""
     path = os.path.join(info_dir, stem + ".mat")
-    if not os.path.isfile(path):
-        path = os.path.join(SHIPPED, stem + ".mat")
+    if not tree.isfile(path):
+        path, tree = os.path.join(SHIPPED, stem + ".mat"), LOCAL
     try:
-        contents = scipy.io.loadmat(path)
+        contents = scipy.io.loadmat(io.BytesIO(tree.read(path)))
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from e
     arrays = [v for k, v in contents.items() if not k.startswith("__")]
@@ -89,34 +94,35 @@ def _tracklets(info: np.ndarray, info_path: str, names: list, folder: str) -> li
     return out
 
 
-def _check_on_disk(folder: str, names: list) -> None:
+def _check_on_disk(folder: str, names: list, tree=LOCAL) -> None:
     wanted = {}
     for n in names:
         wanted.setdefault(n[:4], []).append(n)
     missing = []
     for sub, listed in wanted.items():
         d = os.path.join(folder, sub)
-        have = set(common.list_images(d)) if os.path.isdir(d) else set()
+        have = set(common.list_images(d, tree)) if tree.isdir(d) else set()
         missing.extend(os.path.join(sub, n) for n in listed if n not in have)
     if missing:
         raise DatasetError(f"MARS: {len(missing)} frames listed in the name list are missing under "
                            f"{folder}: {common.name_list(missing)}")
 
 
-def load(root: str) -> ReidDataset:
-    """Reads MARS under its single official protocol."""
-    base = common.resolve_root(root, ("", "MARS"), ("bbox_train", "bbox_test"), "mars", EXPECTED)
+def load(root: str, tree=LOCAL) -> ReidDataset:
+    """Reads MARS under its single official protocol (the release folder through `tree`)."""
+    base = common.resolve_root(root, ("", "MARS"), ("bbox_train", "bbox_test"), "mars", EXPECTED,
+                               tree)
     info_dir = os.path.join(base, "info")
     streams = {}
     for part, folder in (("train", "bbox_train"), ("test", "bbox_test")):
-        names = _read_names(info_dir, f"{part}_name.txt")
-        _check_on_disk(os.path.join(base, folder), names)
-        info, info_path = _read_mat(info_dir, f"tracks_{part}_info")
+        names = _read_names(info_dir, f"{part}_name.txt", tree)
+        _check_on_disk(os.path.join(base, folder), names, tree)
+        info, info_path = _read_mat(info_dir, f"tracks_{part}_info", tree)
         streams[part] = _tracklets(info, info_path, names, os.path.join(base, folder))
     num_cameras = max(c for part in streams.values() for c, _, _ in part) + 1
     train = build_table(streams["train"], num_cameras)
     test = build_table(streams["test"], num_cameras)
-    query, q_path = _read_mat(info_dir, "query_IDX")
+    query, q_path = _read_mat(info_dir, "query_IDX", tree)
     query = query.reshape(-1) - 1
     bad = query[(query < 0) | (query >= test.num_tracklets)]
     if bad.size:
@@ -128,16 +134,17 @@ def load(root: str) -> ReidDataset:
                        warnings=cameras_without_training(train, "MARS"))
 
 
-def tracklets_on_disk(root: str) -> tuple:
+def tracklets_on_disk(root: str, tree=LOCAL) -> tuple:
     """(base folder, {"bbox_train" | "bbox_test": [(camera0, pid, [paths])]}): every frame
     on disk grouped by tracklet (one person, camera and tracklet number) from the frame names
     alone (no info files needed), tracklets and frames in name order."""
-    base = common.resolve_root(root, ("", "MARS"), ("bbox_train", "bbox_test"), "mars", EXPECTED)
+    base = common.resolve_root(root, ("", "MARS"), ("bbox_train", "bbox_test"), "mars", EXPECTED,
+                               tree)
     parts = {}
     for folder in ("bbox_train", "bbox_test"):
         tracks, bad = {}, []
-        for sub in common.list_dirs(os.path.join(base, folder)):
-            for name in common.list_images(os.path.join(base, folder, sub)):
+        for sub in common.list_dirs(os.path.join(base, folder), tree):
+            for name in common.list_images(os.path.join(base, folder, sub), tree):
                 m = NAME_RE.fullmatch(name)
                 if m is None:
                     bad.append(os.path.join(sub, name))
@@ -152,9 +159,9 @@ def tracklets_on_disk(root: str) -> tuple:
     return base, parts
 
 
-def inventory(root: str) -> dict:
+def inventory(root: str, tree=LOCAL) -> dict:
     """What bbox_train/ and bbox_test/ hold per camera, from the frame names alone (no info
     files needed): a tracklet is one (person, camera, tracklet number)."""
-    base, parts = tracklets_on_disk(root)
+    base, parts = tracklets_on_disk(root, tree)
     return {"layout": "mars", "root": base,
             "parts": {p: per_camera(t) for p, t in parts.items()}}

@@ -16,6 +16,7 @@ Accepted forms (see README, "Split files"):
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import scipy.io
 
 from upm_jax.data import common
 from upm_jax.data.table import DatasetError
+from upm_jax.data.tree import LOCAL
 
 PARTS = ("train", "test")
 _RANDOM_RE = re.compile(r"random:(\d+)(?::(\d+))?")
@@ -186,9 +188,9 @@ def _from_json(path: str, data) -> tuple:
     return tuple(sorted(splits, key=lambda s: s.number)), "upm_jax schema"
 
 
-def _from_mat(path: str, folders) -> tuple:
+def _from_mat(path: str, raw: bytes, folders) -> tuple:
     try:
-        contents = scipy.io.loadmat(path)
+        contents = scipy.io.loadmat(io.BytesIO(raw))
     except (OSError, ValueError, NotImplementedError, TypeError,
             scipy.io.matlab.MatReadError) as e:
         raise DatasetError(f"cannot read split file {path} as a MATLAB v5 .mat file: {e}") from e
@@ -216,17 +218,16 @@ def _from_mat(path: str, folders) -> tuple:
     return tuple(splits), "release .mat, first half test"
 
 
-def read_split_file(path: str, folders=()) -> SplitSource:
-    """Reads any accepted split file; `folders`: the sorted person folders of the first
-    camera, which the indices of a `.mat` refer to."""
+def read_split_file(path: str, folders=(), tree=LOCAL) -> SplitSource:
+    """Reads any accepted split file (through `tree`); `folders`: the sorted person folders
+    of the first camera, which the indices of a `.mat` refer to."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = tree.read(path)
     except OSError as e:
         raise DatasetError(f"cannot read split file {path}: {e.strerror or e}") from e
     if path.lower().endswith(".mat") or raw.startswith(b"MATLAB"):
-        splits, form = _from_mat(path, list(folders))
+        splits, form = _from_mat(path, raw, list(folders))
     else:
         try:
             data = json.loads(raw.decode("utf-8"))
@@ -237,7 +238,7 @@ def read_split_file(path: str, folders=()) -> SplitSource:
     return SplitSource(splits, f"split file {path} ({form})", path)
 
 
-def discover(names, root: str, base: str):
+def discover(names, root: str, base: str, tree=LOCAL):
     """The first of `names` (paths relative to a folder) found in the folder holding the
     cameras, its parents up to the user's root, or the root's parent; else None."""
     root = os.path.abspath(root)
@@ -251,6 +252,6 @@ def discover(names, root: str, base: str):
     for name in names:
         for folder in dict.fromkeys(folders):
             path = os.path.join(folder, name)
-            if os.path.isfile(path):
+            if tree.isfile(path):
                 return path
     return None

@@ -7,11 +7,14 @@ of the whole release, in one split "frames": the frame resized to (image_size,
 image_size // 2) with the input pipeline's own TF1 resize, as raw uint8 bytes, with its
 path (relative to the release folder), part (the release's train/test/query/gallery
 folder), camera (1-based), person (-1 junk, 0 distractor), tracklet and frame order.
-The protocol (which frames train and test, PRID2011/iLIDS-VID's person splits) is chosen
-when the set is read, by the same readers as the raw folder, so one set serves every
-split. Records are ArrayRecord, uncompressed (the frames barely compress and decompressing
-dominated reading), read by random access through TFDS's data source, with no TensorFlow
-import.
+Beside the records the set keeps the record of the release folder as the readers saw it
+(`RELEASE_RECORD`, a `tree.Record`: the listing of every folder they listed and the split
+or info files they read), so a run needs the set alone: the protocol (which frames train
+and test, PRID2011/iLIDS-VID's person splits) is chosen when the set is read, by the same
+readers as the raw folder, reading that record instead of the folder, so one set serves
+every split. Records are ArrayRecord, uncompressed (the frames barely compress and
+decompressing dominated reading), read by random access through TFDS's data source, with
+no TensorFlow import.
 
 Unreadable frames are handled as the raw reader handles them: preparing stops at the first
 one, naming it, unless asked to skip them; skipped frames are listed in the set's metadata
@@ -31,11 +34,14 @@ from tensorflow_datasets.core import decode as tfds_decode
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import writer as tfds_writer
 
-from upm_jax.data import images, readers
+from upm_jax.data import images, readers, tree
 from upm_jax.data.table import DatasetError
 
-SET_VERSION = "1.0.0"
+# 1.1.0: the set records the release folder (runs need no release folder); 1.0.0 did not.
+SET_VERSION = "1.1.0"
 SPLIT = "frames"
+# The record of the release folder, in the set's folder (gzip-compressed JSON).
+RELEASE_RECORD = "release_record.json.gz"
 # ShardWriter holds a whole shard in memory: about 0.5 GB of frames per shard.
 SHARD_BYTES = 2**29
 # Image sizes the builders list (any other even size can be prepared too).
@@ -105,10 +111,10 @@ class _Frame:
     frame: int       # order within the tracklet
 
 
-def listing(layout: str, root: str) -> tuple:
+def listing(layout: str, root: str, release=tree.LOCAL) -> tuple:
     """(base folder, [_Frame]) of every frame of the release, in record order: parts, then
-    tracklets, then frames, as the readers list them."""
-    base, parts = readers.tracklets_on_disk(layout, root)
+    tracklets, then frames, as the readers list them (through the tree `release`)."""
+    base, parts = readers.tracklets_on_disk(layout, root, release)
     frames, tracklet = [], 0
     for part, tracklets in parts.items():
         for camera, person, paths in tracklets:
@@ -155,7 +161,9 @@ class _FramesBuilder(tfds.core.ShardBasedBuilder):
 
     LAYOUT = ""
     VERSION = tfds.core.Version(SET_VERSION)
-    RELEASE_NOTES = {SET_VERSION: "Every frame of the release, TF1-resized, raw uint8."}
+    RELEASE_NOTES = {"1.0.0": "Every frame of the release, TF1-resized, raw uint8.",
+                     SET_VERSION: "The record of the release folder the readers read, so "
+                                  "that runs need no release folder."}
     BUILDER_CONFIGS = [builder_config(size) for size in SIZES]
 
     def __init__(self, *, skip_corrupt=False, threads=None, **kwargs):
@@ -183,7 +191,10 @@ class _FramesBuilder(tfds.core.ShardBasedBuilder):
             metadata=tfds.core.MetadataDict())
 
     def _shard_iterators_per_split(self, dl_manager):
-        _, frames = listing(self.LAYOUT, os.fspath(dl_manager.manual_dir))
+        release = os.fspath(dl_manager.manual_dir)
+        self._recorder = tree.Recorder(release)
+        _, frames = listing(self.LAYOUT, release, self._recorder)
+        readers.survey(self.LAYOUT, release, self._recorder)
         if not frames:
             raise DatasetError(f"{self.LAYOUT}: no frames under {dl_manager.manual_dir}")
         height, width = images.image_shape(self.builder_config.image_size)
@@ -195,6 +206,8 @@ class _FramesBuilder(tfds.core.ShardBasedBuilder):
 
     def _download_and_prepare(self, dl_manager, download_config=None):
         super()._download_and_prepare(dl_manager, download_config)
+        # self.data_dir: the set's folder while it is written (TFDS renames it when done)
+        self._recorder.record.save(os.path.join(self.data_dir, RELEASE_RECORD))
         # the shards ran in order in this process: their records are the set's, in order
         self.info.metadata.update(
             layout=self.LAYOUT, image_size=self.builder_config.image_size,
@@ -250,8 +263,10 @@ def prepare(layout: str, root: str, image_size: int, data_dir: str, *, skip_corr
     config = str(image_size) if image_size in SIZES else builder_config(image_size)
     builder = BUILDERS[layout](config=config, data_dir=data_dir, skip_corrupt=skip_corrupt,
                                threads=threads)
+    # the manual dir is the folder as given (what config.data.root names): split files
+    # may sit above the frames (the iLIDS-VID release's next to i-LIDS-VID/)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=base, try_download_gcs=False))
+        manual_dir=os.path.abspath(os.path.expanduser(root)), try_download_gcs=False))
     meta = builder.info.metadata
     return {"layout": layout, "image_size": int(image_size), "path": target,
             "release": base, "frames": len(meta["paths"]), "skipped": list(meta["skipped"]),
@@ -280,22 +295,53 @@ def _epath(path: str):
 
 
 class PreparedSet:
-    """A prepared set on local disk: the record of each frame path, what was skipped."""
+    """A prepared set on local disk: the record of each frame path, what was skipped, and
+    the release folder it recorded (`release`)."""
 
     def __init__(self, data_dir: str, layout: str, image_size: int):
         self.path = dataset_dir(data_dir, layout, image_size)
+        # what every error about a set that lacks something a run needs ends with
+        self.prepare = prepare = (f"python -m upm_jax.data prepare --layout {layout} --root "
+                                  f"RELEASE_FOLDER --image-size {image_size} --data-dir {data_dir}")
         if not os.path.isfile(os.path.join(self.path, "dataset_info.json")):
+            older = _older_versions(os.path.dirname(self.path))
+            if older:
+                raise DatasetError(
+                    f"{os.path.dirname(self.path)} holds a prepared {layout} set of version "
+                    f"{', '.join(older)}, made by an older upm_jax: it does not record the "
+                    f"release folder, which runs now read from the set (version "
+                    f"{SET_VERSION}); prepare it again with {prepare}")
             raise DatasetError(
                 f"no prepared {layout} set of image size {image_size} under "
                 f"config.data.data_dir={data_dir!r} (looked for {self.path}); prepare it with "
-                f"python -m upm_jax.data prepare --layout {layout} --root RELEASE_FOLDER "
-                f"--image-size {image_size} --data-dir {data_dir}")
+                + prepare)
+        self._record_path = os.path.join(self.path, RELEASE_RECORD)
+        if not os.path.isfile(self._record_path):
+            raise DatasetError(f"{self.path}: the set has no {RELEASE_RECORD} (copied in part?); "
+                               f"copy the whole folder, or prepare it again with {prepare}")
         self.image_size = int(image_size)
         metadata = tfds.builder_from_directory(self.path).info.metadata
         stored = np.asarray(metadata["paths"], dtype=bytes)         # [R] record -> relpath
         self._order = np.argsort(stored, kind="stable")
         self._sorted = stored[self._order]
         self.skipped = {path: reason for path, reason in metadata["skipped"]}
+        self._release = None
+
+    @property
+    def release(self) -> tree.Record:
+        """The record of the release folder the set was prepared from (read on first use)."""
+        if self._release is None:
+            try:
+                self._release = tree.Record.load(self._record_path)
+            except (OSError, ValueError, KeyError) as e:
+                raise DatasetError(f"cannot read {self._record_path}: {e}; copy it again, or "
+                                   f"prepare the set again with {self.prepare}") from e
+        return self._release
+
+    def release_tree(self, root: str = "") -> tree.RecordedTree:
+        """The release folder as the readers saw it when the set was prepared, mounted at
+        `root` (default: where it was then): the readers read the record, not the disk."""
+        return tree.RecordedTree(self.release, root or self.release.root, origin=self.path)
 
     def _lookup(self, relpaths: np.ndarray) -> np.ndarray:
         """[N] record index of each relative path, -1 where the set has no such frame."""
@@ -338,7 +384,8 @@ class PreparedSet:
             first = relpaths[missing[0]].decode()
             why = (f"preparing skipped it as unreadable ({self.skipped[first]}); set "
                    "config.data.skip_corrupt=True to leave such frames out"
-                   if first in self.skipped else "the release folder changed after preparing")
+                   if first in self.skipped else "the release folder changed after preparing; "
+                   f"prepare the set again with {self.prepare}")
             raise DatasetError(f"{len(missing)} frames of the table are not in the prepared set "
                                f"{self.path}, e.g. {first}: {why}")
         return found.astype(np.int64)
@@ -346,6 +393,14 @@ class PreparedSet:
     def frames(self, table) -> "PreparedFrames":
         """The frame source of `table` (its rows' records)."""
         return PreparedFrames(self.path, self.records(table.path), self.image_size)
+
+
+def _older_versions(folder: str) -> list:
+    """Versions other than SET_VERSION of the sets in `folder` (DIR/upm_<layout>/<size>)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(v for v in os.listdir(folder) if v != SET_VERSION
+                  and os.path.isfile(os.path.join(folder, v, "dataset_info.json")))
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,4 +1,8 @@
-"""`load_dataset` and `resolve_splits`: one entry point over the layout readers."""
+"""`load_dataset` and `resolve_splits`: one entry point over the layout readers.
+
+Each reads the release folder `root` through a file tree (`upm_jax.data.tree`): the disk
+by default, or the record a prepared set keeps of the folder (`survey` makes it).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +11,7 @@ import numpy as np
 
 from upm_jax.data import common, dukev, ilidsvid, mars, person_splits, prid2011, twocam
 from upm_jax.data.table import DatasetError, ReidDataset
+from upm_jax.data.tree import LOCAL
 
 LAYOUTS = ("prid2011", "ilidsvid", "mars", "dukev")
 SPLIT_LAYOUTS = ("prid2011", "ilidsvid")
@@ -42,7 +47,7 @@ def _single_protocol(layout: str, spec: str, split_file: str | None, field="spli
 
 
 def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = None, *,
-                   field: str = "splits") -> SplitPlan:
+                   field: str = "splits", tree=LOCAL) -> SplitPlan:
     """Resolves a split spec (`config.data.splits`: 'all', '3', '1,2,5', 'random:SEED[:COUNT]')
     against the dataset folder: the split numbers to run and the protocol used.
 
@@ -57,8 +62,9 @@ def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = 
         _single_protocol(layout, splits, split_file, field)
         return SplitPlan([1], f"the single {layout} protocol", [1])
     spec = person_splits.parse_spec(splits, field)
-    inventory = twocam.scan(_TWOCAM[layout], root)
-    source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file or None)
+    inventory = twocam.scan(_TWOCAM[layout], root, tree)
+    source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file or None,
+                                  tree)
     numbers = person_splits.select(source, spec, str(splits), field)
     return SplitPlan(numbers, source.protocol, source.numbers,
                      {n: twocam.train_frames(inventory, source, n) for n in numbers})
@@ -70,7 +76,8 @@ def check_split_spec(splits, field: str = "splits") -> None:
 
 
 def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | None = None,
-                 splits="1", skip_corrupt: bool = False, unreadable=None) -> ReidDataset:
+                 splits="1", skip_corrupt: bool = False, unreadable=None,
+                 tree=LOCAL) -> ReidDataset:
     """Reads a raw benchmark folder into train/test frame tables under its protocol.
 
     PRID2011/iLIDS-VID take the 1-based `split` of the source that `splits` and `split_file`
@@ -79,16 +86,16 @@ def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | No
     `skip_corrupt`, unreadable frames are dropped and listed in `ds.skipped`: those for which
     `unreadable(paths)` gives a reason (a prepared set's record of the frames it skipped),
     by default every frame decoded once; otherwise an unreadable frame fails when the
-    pipeline reads it.
+    pipeline reads it. `tree` answers for the release folder (`upm_jax.data.tree`).
     """
     _check_layout(layout)
     if layout in SPLIT_LAYOUTS:
-        ds = twocam.read(_TWOCAM[layout], root, split, split_file or None, splits)
+        ds = twocam.read(_TWOCAM[layout], root, split, split_file or None, splits, tree)
     else:
         _single_protocol(layout, splits, split_file)
         if int(split) != 1:
             raise DatasetError(f"{layout}: has a single protocol; split must be 1, got {split}")
-        ds = (mars if layout == "mars" else dukev).load(root)
+        ds = (mars if layout == "mars" else dukev).load(root, tree)
     if skip_corrupt:
         (train, test), skipped = common.screen_corrupt([ds.train, ds.test],
                                                        unreadable=unreadable)
@@ -96,23 +103,38 @@ def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | No
     return ds
 
 
-def inspect_disk(layout: str, root: str) -> dict:
+def inspect_disk(layout: str, root: str, tree=LOCAL) -> dict:
     """Cameras, persons, tracklets and frames on disk, whatever protocol applies."""
     _check_layout(layout)
     if layout in SPLIT_LAYOUTS:
-        return twocam.scan(_TWOCAM[layout], root).summary()
-    return (mars if layout == "mars" else dukev).inventory(root)
+        return twocam.scan(_TWOCAM[layout], root, tree).summary()
+    return (mars if layout == "mars" else dukev).inventory(root, tree)
 
 
-def tracklets_on_disk(layout: str, root: str) -> tuple:
+def tracklets_on_disk(layout: str, root: str, tree=LOCAL) -> tuple:
     """(base folder, {part: [(camera0, pid, [paths in frame order])]}): every frame of the
     release folder, whatever protocol applies; parts are the release's own folders
     (MARS bbox_train/bbox_test, DukeMTMC-VideoReID train/query/gallery; "all" for the
     two-camera sets, whose splits are person lists)."""
     _check_layout(layout)
     if layout in SPLIT_LAYOUTS:
-        return twocam.tracklets_on_disk(_TWOCAM[layout], root)
-    return (mars if layout == "mars" else dukev).tracklets_on_disk(root)
+        return twocam.tracklets_on_disk(_TWOCAM[layout], root, tree)
+    return (mars if layout == "mars" else dukev).tracklets_on_disk(root, tree)
+
+
+def survey(layout: str, root: str, tree) -> None:
+    """Asks `tree` everything a run's readers can ask of the release folder `root`: every
+    frame listed, and the default protocol built (the folder's split files or MARS's info
+    files read). A `tree.Recorder` then holds all a prepared set needs to stand in for the
+    folder: the readers' questions depend only on the folder's contents (a random split
+    asks less, a split file a config names is the user's own, read from disk), so every
+    spec gets the tables, splits and protocol the folder gives. A protocol that does not
+    apply is left so: the record gives a run the same error the folder would."""
+    tracklets_on_disk(layout, root, tree)
+    try:
+        load_dataset(layout, root, tree=tree)
+    except DatasetError:
+        pass
 
 
 def protocol_training_sets(layout: str, splits="1") -> list:

@@ -19,6 +19,7 @@ import numpy as np
 from upm_jax.data import common, person_splits
 from upm_jax.data.person_splits import SplitSource, SplitSpec
 from upm_jax.data.table import DatasetError, ReidDataset, build_table
+from upm_jax.data.tree import LOCAL
 
 SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 PARTS = person_splits.PARTS
@@ -79,36 +80,37 @@ class Inventory:
                 "persons_in_both_cameras": len(self.in_both())}
 
 
-def scan(layout: TwoCamLayout, root: str) -> Inventory:
+def scan(layout: TwoCamLayout, root: str, tree=LOCAL) -> Inventory:
     """Lists every person folder and frame of both cameras (names checked, nothing decoded)."""
     base = common.resolve_root(root, layout.candidates, layout.cameras, layout.name,
-                               layout.expected)
+                               layout.expected, tree)
     pattern = re.compile(layout.person_re)
     frames = []
     for cam in layout.cameras:
         cam_dir = os.path.join(base, cam)
-        persons = common.list_dirs(cam_dir)
+        persons = common.list_dirs(cam_dir, tree)
         bad = [d for d in persons if not pattern.fullmatch(d)]
         if bad:
             raise DatasetError(f"{cam_dir}: person folders whose id does not parse "
                                f"(expected {layout.person_re}): {common.name_list(bad)}")
-        frames.append({p: _person_frames(layout, cam_dir, cam, p) for p in persons})
+        frames.append({p: _person_frames(layout, cam_dir, cam, p, tree) for p in persons})
     return Inventory(layout, base, tuple(frames))
 
 
-def tracklets_on_disk(layout: TwoCamLayout, root: str) -> tuple:
+def tracklets_on_disk(layout: TwoCamLayout, root: str, tree=LOCAL) -> tuple:
     """(base folder, {"all": [(camera0, pid, [paths])]}): every person folder of both
     cameras (one tracklet each), cameras in order, persons sorted."""
-    inventory = scan(layout, root)
+    inventory = scan(layout, root, tree)
     pattern = re.compile(layout.person_re)
     return inventory.base, {"all": [
         (cam, int(pattern.fullmatch(person).group(1)), frames[person])
         for cam, frames in enumerate(inventory.frames) for person in sorted(frames)]}
 
 
-def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: str) -> list:
+def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: str,
+                   tree) -> list:
     folder = os.path.join(cam_dir, person)
-    names = common.list_images(folder)
+    names = common.list_images(folder, tree)
     if layout.frame_re is not None:
         pattern = re.compile(layout.frame_re(cam_name, person))
         bad = [n for n in names if not pattern.fullmatch(n)]
@@ -118,9 +120,11 @@ def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: st
 
 
 def choose_source(layout: TwoCamLayout, inventory: Inventory, root: str, spec: SplitSpec,
-                  split_file: str | None) -> SplitSource:
+                  split_file: str | None, tree=LOCAL) -> SplitSource:
     """Where the splits come from: random:SEED, else the given file, else the shipped
-    official lists when the folder holds their persons, else the folder's own split file."""
+    official lists when the folder holds their persons, else the folder's own split file.
+    The folder's files, and a given file, are read through `tree` (the `scan`'s); the
+    shipped lists are the package's own."""
     if spec.is_random:
         if split_file:
             raise DatasetError(f"{layout.name}: splits=random:{spec.random_seed} draws its own "
@@ -129,7 +133,7 @@ def choose_source(layout: TwoCamLayout, inventory: Inventory, root: str, spec: S
                                            spec.random_count)
     folders = inventory.persons(0)
     if split_file:
-        source = person_splits.read_split_file(split_file, folders)
+        source = person_splits.read_split_file(split_file, folders, tree)
         _require_persons(layout, inventory, source, "")
         return source
     shipped = person_splits.read_split_file(layout.default_split_file)
@@ -137,7 +141,7 @@ def choose_source(layout: TwoCamLayout, inventory: Inventory, root: str, spec: S
     if not missing:
         return dataclasses.replace(shipped, protocol=f"the official {layout.name} splits shipped "
                                                      f"with upm_jax ({shipped.path})")
-    own = person_splits.discover(layout.own_split_files, root, inventory.base)
+    own = person_splits.discover(layout.own_split_files, root, inventory.base, tree)
     if own is None:
         raise DatasetError(
             f"{layout.name}: {inventory.base} does not hold the persons of the official splits "
@@ -145,7 +149,7 @@ def choose_source(layout: TwoCamLayout, inventory: Inventory, root: str, spec: S
             f"({common.name_list(missing)}), and no split file of its own was found (looked for "
             f"{', '.join(layout.own_split_files)} next to the camera folders and above them); "
             + NO_PROTOCOL_HELP)
-    source = person_splits.read_split_file(own, folders)
+    source = person_splits.read_split_file(own, folders, tree)
     _require_persons(layout, inventory, source, " (found next to the data)")
     return dataclasses.replace(source, protocol=f"this folder's own {source.protocol}")
 
@@ -230,8 +234,9 @@ def train_frames(inventory: Inventory, source: SplitSource, number: int) -> int:
 
 
 def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None,
-         splits: str = "1") -> ReidDataset:
+         splits: str = "1", tree=LOCAL) -> ReidDataset:
     """Reads a two-camera benchmark under split `split` of the source `splits` resolves to."""
-    inventory = scan(layout, root)
-    source = choose_source(layout, inventory, root, person_splits.parse_spec(splits), split_file)
+    inventory = scan(layout, root, tree)
+    source = choose_source(layout, inventory, root, person_splits.parse_spec(splits), split_file,
+                           tree)
     return build(layout, inventory, source, split)
