@@ -58,7 +58,7 @@ def test_cli_options_and_errors(tmp_path, capsys):
     assert "standard" in table and "paper" not in table
     (tmp_path / "bad.npz").write_bytes(b"nope")
     assert main([str(tmp_path / "bad.npz")]) == 2
-    assert "cannot read as an .npz" in capsys.readouterr().err
+    assert "bad.npz: not a complete .npz archive" in capsys.readouterr().err
 
 
 def test_cli_runs_as_module(tmp_path):

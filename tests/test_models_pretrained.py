@@ -80,7 +80,8 @@ def test_missing_and_corrupt_files_are_named(setup, tmp_path):
         load_pretrained(variables, missing)
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
-    with pytest.raises(WeightsFileError, match=f"cannot read pretrained weights file {corrupt}"):
+    with pytest.raises(WeightsFileError,
+                       match=f"pretrained weights file {corrupt}: not a complete .npz archive"):
         load_pretrained(variables, str(corrupt))
     plain = tmp_path / "plain.npz"
     np.savez(plain, x=np.zeros(3))

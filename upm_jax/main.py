@@ -11,6 +11,7 @@ tests drive the same code. A user's mistake (flags, config, data, workdir) is on
 """
 import os
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -39,22 +40,43 @@ class UsageError(ValueError):
 
 
 def _check_config_flags(argv):
-    """The config file exists and every --config.FIELD override names a real field
-    (checked before absl parses them, which reports neither clearly)."""
+    """Checks what absl would report unclearly, before it parses: the config file loads
+    (`config.load_config_file`: missing, a folder, a Python error, no get_config...) and
+    every --config.FIELD override names a real field. Without --config the overrides
+    apply to the workdir's recorded config: they are taken out of the returned argv and
+    returned as [(field, value)]."""
     from upm_jax import config as config_lib  # noqa: PLC0415
 
-    for arg in argv[1:]:
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
-            if not os.path.isfile(path):
-                raise UsageError(f"--config {path}: no such file (the repository's experiment "
-                                 "files are in its configs/ folder)")
+    spec, overrides, kept, without_overrides = None, [], [argv[0]], [argv[0]]
+    args = list(argv[1:])
+    while args:
+        arg = args.pop(0)
+        if arg == "--config" and args:
+            spec = args[0]
+        elif arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
         elif arg.startswith("--config."):
-            field = arg[len("--config."):].split("=", 1)[0]
+            field, sep, value = arg[len("--config."):].partition("=")
+            taken = [arg]
+            if not sep and args and not args[0].startswith("-"):
+                value = args.pop(0)
+                taken.append(value)
             try:
                 config_lib.check_known_fields(_field_tree(field))
             except config_lib.ConfigError as e:
                 raise UsageError(f"{arg}: {e}") from None
+            overrides.append((field, value))
+            kept += taken
+            continue
+        kept.append(arg)
+        without_overrides.append(arg)
+    if spec is not None:
+        try:
+            config_lib.load_config_file(spec)
+        except config_lib.ConfigError as e:
+            raise UsageError(str(e)) from None
+        return kept, []
+    return without_overrides, overrides
 
 
 def _field_tree(field):
@@ -67,9 +89,13 @@ def _field_tree(field):
     return ml_collections.ConfigDict(tree)
 
 
+# --config.FIELD=VALUE overrides given without --config: applied to the recorded config.
+_RECORD_OVERRIDES = []
+
+
 def parse_flags(argv):
     """absl's parser, with every flag mistake turned into UsageError."""
-    _check_config_flags(argv)
+    argv, _RECORD_OVERRIDES[:] = _check_config_flags(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -93,33 +119,100 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # XLA's C++ log: warnings and up
     import jax  # Imported here so the environment above applies.
 
+    from upm_jax import interrupts  # noqa: PLC0415
     from upm_jax import parallel  # noqa: PLC0415
     try:
         parallel.initialize(_DISTRIBUTED.value)
+        _check_devices(jax)
     except parallel.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    interrupts.install()   # after joining: it replaces JAX's own SIGTERM listener
+    parallel.watch_stops(_stop_with_peer)
     from upm_jax import progress  # noqa: PLC0415
     from upm_jax import run as run_lib  # noqa: PLC0415
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
     progress.quiet_third_party()
-    config = _CONFIG.value
-    workdir = _WORKDIR.value
-    if workdir is None:
-        if config is None:
-            raise UsageError("give --config (what to run) or --workdir (a run to continue)")
-        workdir = _default_workdir()
-        progress.say(f"--workdir not given: writing to {workdir}")
     try:
-        results = run_lib.run(config, workdir, _MODE.value, overwrite=_OVERWRITE.value)
-    except run_lib.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        config = _CONFIG.value
+        workdir = _WORKDIR.value
+        if workdir is None:
+            if config is None:
+                raise UsageError("give --config (what to run) or --workdir (a run to continue)")
+            workdir = _default_workdir()
+            progress.say(f"--workdir not given: writing to {workdir}")
+        results = run_lib.run(config, workdir, _MODE.value, overwrite=_OVERWRITE.value,
+                              overrides=list(_RECORD_OVERRIDES))
+    except (UsageError,) + run_lib.USER_ERRORS as e:
+        return _stop(2, f"error: {e}")
+    except interrupts.Interrupted as e:
+        return _stop(e.status, str(e), together=e.together)
+    except Exception as e:
+        lost = parallel.lost_process_message(e)
+        if lost is None:
+            if jax.process_count() > 1:   # a bug: its traceback here, one line for the others
+                parallel.announce_stop(1, f"unexpected {type(e).__name__}: {e}")
+            raise
+        return _stop_with_peer(parallel.stopped_process() or {"status": 1, "line": lost})
     if results and jax.process_index() == 0:
         from upm_jax.evaluation import summary  # noqa: PLC0415
         print(summary.format_results(results))
     return 0
+
+
+def _check_devices(jax):
+    """JAX's backend starts (JAX_PLATFORMS may name one this machine lacks)."""
+    from upm_jax import parallel  # noqa: PLC0415
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "(default)"
+        reason = f" ({str(e).splitlines()[0]})" if str(e).strip() else ""
+        raise parallel.DistributedError(
+            f"JAX_PLATFORMS={platforms}: JAX cannot start that backend on this machine{reason}; "
+            "unset JAX_PLATFORMS to use the devices present, or install JAX for that "
+            "accelerator (pip install -e '.[gpu]' or '.[tpu]')") from None
+
+
+def _stop(status, line, *, together=True):
+    """Prints `line` and returns `status`. A process of a multi-process run that stops on
+    its own (not at the training loop's agreed step) first tells the others, then exits
+    at once: waiting for them at JAX's shutdown barrier would hang."""
+    import jax  # noqa: PLC0415
+
+    from upm_jax import parallel  # noqa: PLC0415
+    if jax.process_count() > 1 and not (together and status != 2):
+        parallel.announce_stop(status, line)
+        _exit_now(status, line)
+    print(line, file=sys.stderr)
+    return status
+
+
+def _stop_with_peer(announcement):
+    """Ends this process because another one stopped (`parallel.watch_stops`, or a
+    collective that failed because a process is gone)."""
+    import jax  # noqa: PLC0415
+
+    status, reason = int(announcement["status"]), announcement["line"]
+    if "process" in announcement:
+        reason = (f"process {announcement['process']} of {jax.process_count()} stopped: "
+                  f"{reason.removeprefix('error: ')}; stopping this process too")
+    _exit_now(status, reason if status in _SIGNAL_STATUSES else f"error: {reason}")
+
+
+# Exit statuses of a run stopped by SIGINT or SIGTERM (upm_jax.interrupts).
+_SIGNAL_STATUSES = (130, 143)
+_EXITING = threading.Lock()
+
+
+def _exit_now(status, line):
+    """Prints `line`, then ends the process with `status` without Python's clean-up (the
+    first caller wins: the stop watcher and the main thread may both get here)."""
+    _EXITING.acquire()
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _guarded_main(argv):

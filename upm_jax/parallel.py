@@ -17,11 +17,21 @@ Multi-process launchers, in the order `initialize` recognises them:
 
 CPU processes exchange collectives through gloo, so a multi-process run works (and is
 tested) without accelerators.
+
+When one process stops, the others must not wait for it in a collective: a process that
+stops on its own (bad input, a signal outside training, an unexpected error) announces it
+through the coordination service's key-value store before it exits (`announce_stop`),
+and every process watches that key (`watch_stops`) and stops too, naming the process and
+its reason. A process that dies without a word (SIGKILL, a crash) breaks the collectives
+the others wait in at once (their error names no reason: `lost_process_message`), and the
+coordination service declares it dead after HEARTBEAT_TIMEOUT_S without heartbeats.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import threading
 import time
 
 import jax
@@ -106,6 +116,14 @@ def global_batch(local_tree, mesh: Mesh):
 
 
 JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Seconds without heartbeats after which JAX's coordination service declares a process
+# dead and ends the others (JAX's default is 100 s).
+HEARTBEAT_TIMEOUT_S = 10
+# The coordination-service key a process that stops on its own writes (`announce_stop`).
+_STOPPED_KEY = "upm_jax/stopped"
+# Words of the errors a collective raises when another process is gone.
+_LOST_PROCESS_WORDS = ("Gloo", "Connection reset by peer", "Connection closed by peer",
+                       "heartbeat", "coordination service", "Socket closed")
 MODES = ("auto", "yes", "no")
 
 
@@ -211,9 +229,87 @@ def initialize(mode: str = "auto", *, timeout_s: int = 300, environ=None) -> boo
         arguments["cluster_detection_method"] = "deactivate"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s))
+        jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s),
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except (RuntimeError, ValueError, TypeError) as e:
         where = ", ".join(f"{k}={v}" for k, v in arguments.items()) or "detected by JAX"
         raise DistributedError(f"could not join the multi-process run ({launcher} launch, "
                                f"{where}): {e}") from e
     return True
+
+
+def _client():
+    """The coordination service's client of this process (None in a single-process run)."""
+    from jax._src import distributed  # noqa: PLC0415  (orbax reads the client there too)
+
+    return distributed.global_state.client
+
+
+def key_value_set(key: str, value: str) -> bool:
+    """Writes `key` in the coordination service's store unless it is set; False when it
+    was (or there is no service)."""
+    client = _client()
+    if client is None:
+        return False
+    try:
+        client.key_value_set(key, value)
+    except Exception:  # noqa: BLE001  (already set, or the service is gone)
+        return False
+    return True
+
+
+def key_value_get(key: str) -> str | None:
+    """The value of `key` in the coordination service's store, or None (unset, no service)."""
+    client = _client()
+    if client is None:
+        return None
+    try:
+        return client.key_value_try_get(key)
+    except Exception:  # noqa: BLE001  (NOT_FOUND, or the service is gone)
+        return None
+
+
+def announce_stop(status: int, line: str) -> None:
+    """Tells the other processes that this one stops with `status`, and why (`line`)."""
+    key_value_set(_STOPPED_KEY, json.dumps({"process": jax.process_index(), "status": status,
+                                            "line": line}))
+
+
+def stopped_process() -> dict | None:
+    """The announcement of a process that stopped ({process, status, line}), or None."""
+    value = key_value_get(_STOPPED_KEY)
+    return json.loads(value) if value else None
+
+
+def watch_stops(on_stop) -> None:
+    """Calls `on_stop(announcement)` from a background thread when another process
+    announces that it stops (see `announce_stop`); the thread ends with the client."""
+    client, me = _client(), jax.process_index()
+    if client is None:
+        return
+
+    def watch():
+        while True:
+            try:
+                value = client.blocking_key_value_get(_STOPPED_KEY, 3_600_000)
+            except Exception:  # noqa: BLE001  (the hour passed, or the client shut down)
+                if _client() is None:
+                    return
+                continue
+            announcement = json.loads(value)
+            if announcement["process"] != me:
+                on_stop(announcement)
+            return
+
+    threading.Thread(target=watch, name="upm_jax stop watcher", daemon=True).start()
+
+
+def lost_process_message(error: BaseException) -> str | None:
+    """When `error` is a collective or coordination failure caused by another process
+    being gone, one line saying so; else None."""
+    text = str(error)
+    if jax.process_count() < 2 or not any(word in text for word in _LOST_PROCESS_WORDS):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"another process of this run stopped without a word (killed or crashed): "
+            f"this process lost contact with it ({first[:200]})")

@@ -340,6 +340,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upm_jax import run
 
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        print(f"error: --out {args.out}: the folder {folder} does not exist", file=sys.stderr)
+        return 2
     try:
         drawn = visualize(args.workdir, args.frames, args.out, layer=args.layer,
                           model_name=args.model, split=args.split, dpi=args.dpi)

@@ -11,6 +11,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from upm_jax.files import DamagedFileError, verify_npz
+
 META_PREFIX = "__meta__/"
 
 
@@ -41,6 +43,10 @@ def load_weights(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """Read a file written by ``save_weights`` -> (flat path -> array, metadata dict)."""
     if not os.path.isfile(path):
         raise WeightsFileError(f"pretrained weights file not found: {path}")
+    try:
+        verify_npz(path, advice="port the checkpoint again with python -m upm_jax.porting")
+    except DamagedFileError as e:
+        raise WeightsFileError(f"pretrained weights file {e}") from None
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
