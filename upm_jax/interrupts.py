@@ -78,13 +78,19 @@ def _handler(signum, frame):
         _post_preemption_notice(signum)
 
 
-def install():
-    """Handles SIGTERM and SIGINT as the module docstring says, for the whole process (the
-    command line calls it after joining a multi-process run, whose JAX listener it
-    replaces). Main thread only."""
-    for signum in SIGNALS:
-        signal.signal(signum, _handler)
+@contextlib.contextmanager
+def installed():
+    """Within this block SIGTERM and SIGINT are handled as the module docstring says (the
+    command line's whole run, entered after joining a multi-process run, whose JAX
+    listener it replaces); the previous handlers come back after it. Main thread only."""
+    previous = {signum: signal.signal(signum, _handler) for signum in SIGNALS}
     _state.installed = True
+    try:
+        yield
+    finally:
+        _state.installed = False
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 class _Stop:
@@ -112,7 +118,7 @@ class _Stop:
 @contextlib.contextmanager
 def deferred():
     """Within this block a stop signal only asks the loop to stop (`_Stop.requested`).
-    Installs the handlers for the block when `install` was not called (a library user's
+    Installs the handlers for the block when `installed` is not in force (a library user's
     main thread); elsewhere the signals keep their handlers and nothing is deferred."""
     installed_here = {}
     if not _state.installed and threading.current_thread() is threading.main_thread():

@@ -127,12 +127,24 @@ def main(argv):
     except parallel.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    interrupts.install()   # after joining: it replaces JAX's own SIGTERM listener
     parallel.watch_stops(_stop_with_peer)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    with interrupts.installed():   # after joining: it replaces JAX's own SIGTERM listener
+        try:
+            return _run()
+        except interrupts.Interrupted as e:   # a signal that came after the run's work
+            return _stop(e.status, str(e), together=e.together)
+
+
+def _run():
+    """The run of the parsed flags, with the stop signals handled; the exit status."""
+    import jax  # noqa: PLC0415
+
+    from upm_jax import interrupts  # noqa: PLC0415
+    from upm_jax import parallel  # noqa: PLC0415
     from upm_jax import progress  # noqa: PLC0415
     from upm_jax import run as run_lib  # noqa: PLC0415
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
     progress.quiet_third_party()
     try:
         config = _CONFIG.value
@@ -144,6 +156,11 @@ def main(argv):
             progress.say(f"--workdir not given: writing to {workdir}")
         results = run_lib.run(config, workdir, _MODE.value, overwrite=_OVERWRITE.value,
                               overrides=list(_RECORD_OVERRIDES))
+        if results and jax.process_index() == 0:
+            from upm_jax.evaluation import summary  # noqa: PLC0415
+            print(summary.format_results(results))
+        parallel.announce_finished()
+        return 0
     except (UsageError,) + run_lib.USER_ERRORS as e:
         return _stop(2, f"error: {e}")
     except interrupts.Interrupted as e:
@@ -155,10 +172,6 @@ def main(argv):
                 parallel.announce_stop(1, f"unexpected {type(e).__name__}: {e}")
             raise
         return _stop_with_peer(parallel.stopped_process() or {"status": 1, "line": lost})
-    if results and jax.process_index() == 0:
-        from upm_jax.evaluation import summary  # noqa: PLC0415
-        print(summary.format_results(results))
-    return 0
 
 
 def _check_devices(jax):
@@ -182,9 +195,11 @@ def _stop(status, line, *, together=True):
     import jax  # noqa: PLC0415
 
     from upm_jax import parallel  # noqa: PLC0415
-    if jax.process_count() > 1 and not (together and status != 2):
-        parallel.announce_stop(status, line)
-        _exit_now(status, line)
+    if jax.process_count() > 1:
+        if not together or status == 2:
+            parallel.announce_stop(status, line)
+            _exit_now(status, line)
+        parallel.announce_finished()
     print(line, file=sys.stderr)
     return status
 

@@ -18,13 +18,17 @@ Multi-process launchers, in the order `initialize` recognises them:
 CPU processes exchange collectives through gloo, so a multi-process run works (and is
 tested) without accelerators.
 
-When one process stops, the others must not wait for it in a collective: a process that
-stops on its own (bad input, a signal outside training, an unexpected error) announces it
-through the coordination service's key-value store before it exits (`announce_stop`),
-and every process watches that key (`watch_stops`) and stops too, naming the process and
-its reason. A process that dies without a word (SIGKILL, a crash) breaks the collectives
-the others wait in at once (their error names no reason: `lost_process_message`), and the
-coordination service declares it dead after HEARTBEAT_TIMEOUT_S without heartbeats.
+When one process stops, the others must not wait for it in a collective, and JAX's own
+reaction (its coordination service aborts every process with a fatal-error dump when one
+stops sending heartbeats) names nothing useful. So the service runs in JAX's recoverable
+mode (a dead process is not fatal to the others), and `watch_stops` checks from a
+background thread, every second, what the service knows: a process that stops on its own
+(bad input, a signal outside training, an unexpected error) has announced it in the
+service's key-value store (`announce_stop`) and is named with its reason; a process that
+left without finishing and without a word (SIGKILL, a crash) is found when the service
+drops it from the live processes, HEARTBEAT_TIMEOUT_S after its last heartbeat. A process
+that finishes cleanly says so first (`announce_finished`). A collective that fails
+because a process is gone breaks at once in the others (`lost_process_message`).
 """
 from __future__ import annotations
 
@@ -119,8 +123,12 @@ JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID
 # Seconds without heartbeats after which JAX's coordination service declares a process
 # dead and ends the others (JAX's default is 100 s).
 HEARTBEAT_TIMEOUT_S = 10
-# The coordination-service key a process that stops on its own writes (`announce_stop`).
+# The coordination-service keys of a process that stops on its own (`announce_stop`) and
+# of one that finished cleanly (`announce_finished`).
 _STOPPED_KEY = "upm_jax/stopped"
+_FINISHED_KEY = "upm_jax/finished/"
+# Seconds between two looks of `watch_stops`.
+_WATCH_INTERVAL_S = 1.0
 # Words of the errors a collective raises when another process is gone.
 _LOST_PROCESS_WORDS = ("Gloo", "Connection reset by peer", "Connection closed by peer",
                        "heartbeat", "coordination service", "Socket closed")
@@ -228,6 +236,7 @@ def initialize(mode: str = "auto", *, timeout_s: int = 300, environ=None) -> boo
         # of its local task id; given JAX_* the user decides (JAX_LOCAL_DEVICE_IDS, else all)
         arguments["cluster_detection_method"] = "deactivate"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)   # see the module docstring
     try:
         jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s),
                                    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
@@ -281,25 +290,37 @@ def stopped_process() -> dict | None:
     return json.loads(value) if value else None
 
 
+def announce_finished() -> None:
+    """Tells the other processes that this one ends normally (it is not lost)."""
+    key_value_set(_FINISHED_KEY + str(jax.process_index()), "1")
+
+
 def watch_stops(on_stop) -> None:
-    """Calls `on_stop(announcement)` from a background thread when another process
-    announces that it stops (see `announce_stop`); the thread ends with the client."""
-    client, me = _client(), jax.process_index()
+    """Calls `on_stop({"status", "line"[, "process"]})` from a background thread when
+    another process announced that it stops, or left without finishing and without a
+    word (see the module docstring); the thread ends then, or with the client."""
+    client, me, count = _client(), jax.process_index(), jax.process_count()
     if client is None:
         return
 
     def watch():
         while True:
-            try:
-                value = client.blocking_key_value_get(_STOPPED_KEY, 3_600_000)
-            except Exception:  # noqa: BLE001  (the hour passed, or the client shut down)
-                if _client() is None:
-                    return
-                continue
-            announcement = json.loads(value)
-            if announcement["process"] != me:
+            try:   # returns once every live process asked (each process's watcher does)
+                alive = set(client.get_live_nodes(list(range(count))))
+            except Exception:  # noqa: BLE001  (the client shut down: this process ends)
+                return
+            announcement = stopped_process()
+            if announcement is not None and announcement["process"] != me:
                 on_stop(announcement)
-            return
+                return
+            lost = [i for i in range(count) if i not in alive
+                    and key_value_get(_FINISHED_KEY + str(i)) is None]
+            if lost:
+                on_stop({"status": 1, "line": (
+                    f"process {lost[0]} of {count} stopped without a word (killed or crashed: "
+                    f"no heartbeat for {HEARTBEAT_TIMEOUT_S} s); stopping this process too")})
+                return
+            time.sleep(_WATCH_INTERVAL_S)
 
     threading.Thread(target=watch, name="upm_jax stop watcher", daemon=True).start()
 

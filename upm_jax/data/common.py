@@ -35,17 +35,27 @@ def resolve_root(root: str, candidates: Sequence[str], required: Sequence[str], 
                        f"{'/, '.join(required)}/ in {tried}); expected\n{expected}")
 
 
+def _is(entry, kind: str) -> bool:
+    """entry.is_dir() / entry.is_file(), following links; an entry that cannot be followed
+    (a symbolic link loop, a permission error) is a DatasetError naming it."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as e:
+        raise DatasetError(f"{entry.path}: cannot be followed ({e.strerror}); remove or fix "
+                           "it") from None
+
+
 def list_dirs(folder: str) -> list:
     """Sorted names of the visible sub-folders of `folder`."""
     with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        return sorted(e.name for e in it if not e.name.startswith(".") and _is(e, "dir"))
 
 
 def list_images(folder: str) -> list:
     """Sorted names of the image files in `folder` (hidden and non-image files ignored)."""
     with os.scandir(folder) as it:
         return sorted(e.name for e in it if not e.name.startswith(".")
-                      and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+                      and e.name.lower().endswith(IMAGE_EXTENSIONS) and _is(e, "file"))
 
 
 def name_list(items: Sequence[str], limit: int = 12) -> str:

@@ -50,8 +50,11 @@ def _read_mat(info_dir: str, stem: str) -> tuple:
         path = os.path.join(SHIPPED, stem + ".mat")
     try:
         contents = scipy.io.loadmat(path)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001  (scipy raises IndexError, TypeError... on damage)
+        raise DatasetError(f"cannot read {path}: not a readable MATLAB file, truncated or "
+                           f"damaged ({type(e).__name__}: {e}); copy it again from the MARS "
+                           "evaluation code, or delete it to use the copy shipped with "
+                           "upm_jax") from None
     arrays = [v for k, v in contents.items() if not k.startswith("__")]
     if len(arrays) != 1:
         raise DatasetError(f"{path}: expected exactly one array, found {len(arrays)}")
