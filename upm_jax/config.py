@@ -293,9 +293,11 @@ def check_config(config, *, num_devices):
     data_lib.check_split_spec(config.data.splits, field="config.data.splits")
 
 
-def check_weights(config):
+def check_weights(config, *, initial_features):
     """The ImageNet weights file a new training run starts from (not needed to resume,
-    extract or evaluate)."""
+    extract or evaluate); with `initial_features` (the run extracts the untrained network's
+    features when config.eval.initial) or anchors initialised from features, it must hold
+    the BatchNorm moving statistics too."""
     pretrained = config.model.pretrained
     if pretrained and not os.path.isfile(pretrained):
         raise ConfigError(
@@ -307,3 +309,13 @@ def check_weights(config):
         raise ConfigError("config.model.pretrained is empty: the papers start from ImageNet "
                           "weights; set it, or allow training from scratch with "
                           "--config.model.allow_scratch=True")
+    inference = [f for f, on in (("config.eval.initial", initial_features and config.eval.initial),
+                                 ("config.train.anchor_init='features'",
+                                  config.train.anchor_init == "features")) if on]
+    from upm_jax.porting import weights_file  # noqa: PLC0415  (NumPy only)
+    if pretrained and inference and not weights_file.has_moving_stats(pretrained):
+        raise ConfigError(
+            f"config.model.pretrained={pretrained!r} holds no BatchNorm moving statistics (it "
+            f"was ported by an earlier version), which {' and '.join(inference)} need to run "
+            "the ImageNet network in inference mode; port the checkpoint again: python -m "
+            f"upm_jax.porting --from slim CKPT --out {pretrained} (or turn those off)")

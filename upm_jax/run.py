@@ -48,7 +48,7 @@ def run(config, workdir, mode="all", *, overwrite=False, overrides=()):
         config_lib.check_config(config, num_devices=jax.device_count())
         methods.check_frames_fit(config)
         if mode in ("train", "all") and not workdir.has_trained():
-            config_lib.check_weights(config)   # a new run starts from them
+            config_lib.check_weights(config, initial_features=mode == "all")   # a new run
     _prepare_workdir(workdir)
     lock = workdir.lock()
     if jax.process_index() == 0:

@@ -20,6 +20,7 @@ from upm_jax import data as data_lib
 from upm_jax import extract
 from upm_jax import interrupts
 from upm_jax import methods
+from upm_jax import models
 from upm_jax import parallel
 from upm_jax.progress import say
 from upm_jax.training import metrics as metrics_lib
@@ -134,7 +135,7 @@ def train_model(config, dataset, model_dir, mesh):
     try:
         start = checkpoints.latest_step()
         if start is None:
-            config_lib.check_weights(config)
+            config_lib.check_weights(config, initial_features=False)
         trainer = make_trainer(config, model_dir.head, dataset.train, mesh,
                                load_weights=start is None)
         if start is not None:
@@ -247,10 +248,16 @@ def _train_loop(config, trainer, checkpoints, writer, start, where):
 
 
 def _init_anchors_from_features(config, dataset, trainer, mesh):
-    """Anchors initialised from a first pass of the initial network over the train frames."""
+    """Anchors initialised from a first pass of the initial network over the train frames
+    (in inference mode: with ImageNet weights, their BatchNorm moving statistics; the
+    training state keeps its own, 0/1)."""
     variables = {"params": state_lib.merge_params(trainer.state.params,
                                                   trainer.state.frozen_params),
                  "batch_stats": trainer.state.batch_stats}
+    if config.model.pretrained:
+        variables = parallel.replicate(models.load_pretrained(
+            variables, config.model.pretrained, backbone=trainer.model.backbone_name,
+            moving_stats=True), mesh)
     feats = extract.extract_frame_features(
         trainer.model, variables, dataset.train, mesh=mesh,
         batch_size=extract.extraction_batch(config, mesh), image_size=config.data.image_size)
