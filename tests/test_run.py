@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.io
 
-from repo_configs import get_config
+from repo_configs import tiny_config
 from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import config as config_lib
 from upm_jax import evaluation
@@ -26,22 +26,6 @@ from upm_jax import workdir as workdir_lib
 from upm_jax.data import eval_set as eval_set_lib
 from upm_jax.training import trainer as trainer_lib
 from upm_jax.workdir import Workdir
-
-
-def tiny_config(**overrides):
-    config = get_config("demo")
-    config.data.synthetic_ids = 8
-    config.data.image_size = 64
-    config.train.batch_size = 16
-    config.train.steps = 2
-    config.train.checkpoint_every = 2
-    config.train.log_every = 1
-    config.eval.batch_size = 64
-    config.eval.initial = False
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        config[section][field] = value
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +45,10 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def copy_of_trained(trained, tmp_path):
+    """A copy of the trained workdir elsewhere: its record (paths relative to the workdir)
+    serves it as is."""
     workdir = str(tmp_path / "w")
     shutil.copytree(trained[0], workdir)
-    # the recorded paths point into the original: record the copy's own
-    record = json.load(open(os.path.join(workdir, "config.json")))
-    for section, field in (("data", "root"), ("data", "split_file")):
-        record[section][field] = record[section][field].replace(trained[0], workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(record, f)
     return workdir
 
 
@@ -126,11 +106,26 @@ def test_pooled_feature_files_evaluate_like_frame_files(copy_of_trained):
         assert results["mean"][mode]["mAP"] == pytest.approx(frame_level[mode]["mAP"], abs=1e-4)
 
 
-def test_the_record_holds_resolved_paths(trained):
+def test_the_record_holds_paths_relative_to_the_workdir(trained, tmp_path):
     workdir, _ = trained
     record = json.load(open(os.path.join(workdir, "config.json")))
-    assert record["data"]["root"] == os.path.join(os.path.abspath(workdir), "synthetic_prid2011")
-    assert "{workdir}" not in json.dumps(record)
+    assert record["data"]["root"] == "{workdir}/synthetic_prid2011"
+    assert record["checksum"].startswith("sha256:")
+    assert Workdir(workdir).read_record().data.root == os.path.join(
+        os.path.abspath(workdir), "synthetic_prid2011")
+    moved = str(tmp_path / "moved")
+    shutil.copy(os.path.join(workdir, "config.json"), tmp_path)
+    os.makedirs(moved)
+    shutil.move(str(tmp_path / "config.json"), moved)
+    read = Workdir(moved).read_record()
+    assert read.data.root == os.path.join(moved, "synthetic_prid2011")
+    assert read.data.split_file == os.path.join(moved, "synthetic_prid2011",
+                                                "prid2011_splits.json")
+    # a path outside the workdir is recorded as it is
+    config = read.copy_and_resolve_references()
+    config.data.root = str(tmp_path / "elsewhere")
+    Workdir(moved).write_record(config)
+    assert Workdir(moved).read_record().data.root == str(tmp_path / "elsewhere")
 
 
 @pytest.mark.slow

@@ -159,7 +159,7 @@ def _run():
         if results and jax.process_index() == 0:
             from upm_jax.evaluation import summary  # noqa: PLC0415
             print(summary.format_results(results))
-        parallel.announce_finished()
+        _finish_together(parallel)
         return 0
     except (UsageError,) + run_lib.USER_ERRORS as e:
         return _stop(2, f"error: {e}")
@@ -199,9 +199,20 @@ def _stop(status, line, *, together=True):
         if not together or status == 2:
             parallel.announce_stop(status, line)
             _exit_now(status, line)
-        parallel.announce_finished()
+        print(line, file=sys.stderr, flush=True)
+        _finish_together(parallel)
+        return status
     print(line, file=sys.stderr)
     return status
+
+
+def _finish_together(parallel):
+    """parallel.finish, with a process that stopped meanwhile reported as such."""
+    try:
+        parallel.finish()
+    except Exception as e:  # noqa: BLE001  (the end barrier failed: a process is gone)
+        _stop_with_peer(parallel.stopped_process() or {
+            "status": 1, "line": parallel.lost_process_message(e) or str(e)})
 
 
 def _stop_with_peer(announcement):

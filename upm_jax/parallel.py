@@ -27,8 +27,10 @@ background thread, every second, what the service knows: a process that stops on
 service's key-value store (`announce_stop`) and is named with its reason; a process that
 left without finishing and without a word (SIGKILL, a crash) is found when the service
 drops it from the live processes, HEARTBEAT_TIMEOUT_S after its last heartbeat. A process
-that finishes cleanly says so first (`announce_finished`). A collective that fails
-because a process is gone breaks at once in the others (`lost_process_message`).
+that finishes cleanly says so first, and the processes end together (`finish`: in the
+recoverable mode JAX's shutdown no longer waits for all, and the process hosting the
+service must leave last). A collective that fails because a process is gone breaks at
+once in the others (`lost_process_message`).
 """
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID
 # dead and ends the others (JAX's default is 100 s).
 HEARTBEAT_TIMEOUT_S = 10
 # The coordination-service keys of a process that stops on its own (`announce_stop`) and
-# of one that finished cleanly (`announce_finished`).
+# of one that finished cleanly (`finish`).
 _STOPPED_KEY = "upm_jax/stopped"
 _FINISHED_KEY = "upm_jax/finished/"
 # Seconds between two looks of `watch_stops`.
@@ -290,9 +292,30 @@ def stopped_process() -> dict | None:
     return json.loads(value) if value else None
 
 
-def announce_finished() -> None:
-    """Tells the other processes that this one ends normally (it is not lost)."""
+# Seconds the processes wait for each other at the end (process 0 may still evaluate).
+END_TIMEOUT_S = 3600
+
+
+def finish() -> None:
+    """Ends a multi-process run normally: tells the others this process is not lost, waits
+    until every process is done, and on process 0 (which hosts the coordination service)
+    until the others have disconnected. Raises (a JAX runtime error) when a process stopped
+    meanwhile."""
+    client = _client()
+    if client is None:
+        return
     key_value_set(_FINISHED_KEY + str(jax.process_index()), "1")
+    client.wait_at_barrier("upm_jax/end", END_TIMEOUT_S * 1000)
+    if jax.process_index() == 0:   # each other process disconnects as it exits
+        everyone = list(range(jax.process_count()))
+
+        def others_gone():
+            while set(client.get_live_nodes(everyone)) != {0}:
+                time.sleep(0.1)
+
+        waiter = threading.Thread(target=others_gone, daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)
 
 
 def watch_stops(on_stop) -> None:
