@@ -103,3 +103,20 @@ def test_plot_cmc_several_runs(tmp_path):
     plot_cmc({"a": [10.0, 50.0, 90.0], "b": [20.0, 30.0, 100.0]}, out)
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in tmp_path.iterdir()] == ["c.png"]
+
+
+def test_outputs_into_a_missing_folder_and_a_damaged_file_are_one_line(tmp_path, capsys):
+    a = _small(tmp_path)
+    for flag in ("--json", "--plot", "--montage"):
+        out = tmp_path / "nope" / "out"
+        assert main([str(a), f"{flag}={out}", "--paths", str(a)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (f"error: {flag} {out}: the folder {tmp_path / 'nope'} does not "
+                                "exist\n")
+        assert captured.out == ""   # refused before anything is computed
+    data = bytearray(a.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    a.write_bytes(bytes(data))
+    assert main([str(a)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {a}: member '") and "CRC-32 check fails" in err

@@ -1,4 +1,6 @@
 """Train state and the jitted data-parallel step: device-count invariance, frozen scopes, EMA, forms."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -425,3 +427,23 @@ def test_anchors_from_features_run_the_imagenet_network_with_its_moving_statisti
     start = flat(jax.device_get(trainer.state.batch_stats))
     assert all(not v.any() for k, v in start.items() if k.endswith("mean"))
     assert all((v == 1).all() for k, v in start.items() if k.endswith("var"))
+
+
+def test_metrics_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    """A run killed after logging step 5 but checkpointed at 4 logs 5 again on resume; a
+    line cut short by the kill goes too."""
+    from upm_jax.training import metrics as metrics_lib
+
+    path = tmp_path / "metrics.jsonl"
+    writer = metrics_lib.MetricsWriter(str(path), str(tmp_path / "tb"))
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')
+    writer = metrics_lib.MetricsWriter(str(path), str(tmp_path / "tb"), resume_step=4)
+    writer.write(5, {"loss": 50.0})
+    writer.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"step": s, "loss": float(s)} for s in range(1, 5)] + [{"step": 5,
+                                                                           "loss": 50.0}]
