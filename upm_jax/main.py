@@ -2,11 +2,14 @@
 
 Thin on purpose: flags in, one library call (`upm_jax.run.run`) out, so notebooks and
 tests drive the same code. A user's mistake (flags, config, data, workdir) is one line
-`error: ...` on stderr and exit status 2, never a traceback.
+`error: ...` on stderr and exit status 2, never a traceback. SIGTERM and SIGINT end the
+run with one line saying what was kept and status 143 / 130 (`upm_jax.interrupts`); in a
+multi-process run a process that stops takes the others with it (`upm_jax.parallel`).
 
     --config FILE[:k=v,...] [--config.FIELD=VALUE ...]   what to run (recorded in the workdir)
     --workdir DIR     default runs/<config name>[_<overrides>]; with --mode extract|evaluate
-                      a workdir alone is enough (its recorded config is used)
+                      a workdir alone is enough (its recorded config is used, with any
+                      --config.FIELD=VALUE applied)
     --overwrite       replace a workdir's recorded config that differs in a model field
 """
 import os
