@@ -91,14 +91,16 @@ def port_weights_cli(argv) -> int:
     return main(argv)
 
 
-def run_ported(backbone, values, weights_path, images):
+def run_ported(backbone, weights_path, images, conv_impl="auto"):
     """Our DAL model with the ported file's weights and moving statistics, in inference mode
-    (as the untrained network's features are extracted): (features, endpoints)."""
+    (as the untrained network's features are extracted): (features, endpoints).
+    `conv_impl`: the model's convolution formulation ('auto': on this CPU the taps and
+    matrix products; 'xla': XLA's convolution, what GPUs and TPUs run)."""
     import jax
 
     from upm_jax.models import build_model, load_pretrained
 
-    model = build_model(backbone, "dal")
+    model = build_model(backbone, "dal", conv_impl=conv_impl)
     variables = model.init(jax.random.key(0), images[:1], train=False)
     variables = load_pretrained(variables, weights_path, backbone, moving_stats=True)
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False, return_endpoints=True))

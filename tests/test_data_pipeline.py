@@ -1,5 +1,6 @@
 """Input pipeline: TF1 resize, deterministic batches, replay, sharding, resident data, test stream."""
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -7,9 +8,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from upm_jax.data import (DatasetError, TrainInput, batch_indices, load_dataset, load_resident,
-                          resident_batches, synthetic, ordered_batches)
+from upm_jax.data import (DatasetError, Loading, RawFrames, batch_indices, load_dataset,
+                          load_resident, ordered_batches, resident_batches, synthetic,
+                          train_batches)
 from upm_jax.data import images
+from upm_jax.data.pipeline import step_batches
 
 IMAGE_SIZE = 32  # frames of 16x8 are upsampled to 32x16
 
@@ -140,15 +143,24 @@ def test_batch_indices_is_a_pure_function_of_seed_and_step():
         batch_indices(-1, 0, 10, 4)
 
 
-def test_train_input_replays_and_matches_across_instances(ds):
+def _reference(table, rows, height, width):
+    """The frames of `rows` as the pipeline has always produced them: decoded, resized by
+    the reference TF1 resize, rounded half to even."""
+    return np.stack([np.rint(images.resize_bilinear_tf1(images.decode(p), height, width))
+                     .astype(np.uint8) for p in table.path[rows]])
+
+
+def _train(table, mesh, start, end, seed=11, batch=16, loading=Loading()):
+    return list(train_batches(table, RawFrames(table.path, IMAGE_SIZE), global_batch=batch,
+                              seed=seed, mesh=mesh, start_step=start, end_step=end,
+                              loading=loading))
+
+
+def test_train_batches_replay_and_match_the_reference(ds):
     mesh = _mesh(8)
-    kw = dict(global_batch=16, image_size=IMAGE_SIZE, seed=11, mesh=mesh)
-    first = TrainInput(ds.train, **kw).iterate(0)
-    run = [next(first) for _ in range(4)]
-    first.close()
-    restarted = TrainInput(ds.train, **kw).iterate(2)
-    again = [next(restarted) for _ in range(2)]
-    restarted.close()
+    run = _train(ds.train, mesh, 0, 4)
+    again = _train(ds.train, mesh, 2, 4)
+    assert len(run) == 4 and len(again) == 2
     for s, batch in zip((2, 3), again):
         for k in ("image", "track", "camera"):
             assert np.array_equal(np.asarray(batch[k]), np.asarray(run[s][k]))
@@ -160,50 +172,64 @@ def test_train_input_replays_and_matches_across_instances(ds):
     rows = batch_indices(11, 1, ds.train.num_frames, 16)
     assert np.array_equal(np.asarray(b["track"]), ds.train.track[rows])
     assert np.array_equal(np.asarray(b["camera"]), ds.train.camera[rows])
-    expected = np.stack([images.decode_resize(p, 32, 16) for p in ds.train.path[rows]])
-    assert np.array_equal(np.asarray(b["image"]), expected)
+    assert np.array_equal(np.asarray(b["image"]), _reference(ds.train, rows, 32, 16))
 
 
-def test_train_input_mesh_size_and_device_order(ds):
-    kw = dict(global_batch=8, image_size=IMAGE_SIZE, seed=2)
-    one = TrainInput(ds.train, mesh=_mesh(1), **kw).iterate(5)
-    four = TrainInput(ds.train, mesh=_mesh(4), **kw).iterate(5)
-    for _ in range(3):
-        x, y = next(one), next(four)
+def test_train_batches_mesh_size_and_device_order(ds):
+    one, four = _train(ds.train, _mesh(1), 5, 8, 2, 8), _train(ds.train, _mesh(4), 5, 8, 2, 8)
+    for x, y in zip(one, four):
         assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
-    one.close()
-    four.close()
-    # one process holds every device, so it decodes every row, whatever the mesh's order
+    # one process holds every device, so it reads every row, whatever the mesh's order
     shuffled = Mesh(np.array(jax.devices()[:4])[[2, 0, 3, 1]], ("data",))
-    reordered = TrainInput(ds.train, mesh=shuffled, **kw)
-    assert reordered.local.tolist() == list(range(8))
-    batch = next(reordered.iterate(9))
-    full = TrainInput(ds.train, mesh=_mesh(2), **kw).host_batch(9)
+    source = step_batches(ds.train, RawFrames(ds.train.path, IMAGE_SIZE), global_batch=8,
+                          seed=2, mesh=shuffled, num_steps=10)
+    assert source.local.tolist() == list(range(8))
+    batch = _train(ds.train, shuffled, 9, 10, 2, 8)[0]
     for k in ("image", "track", "camera"):
-        assert np.array_equal(np.asarray(batch[k]), full[k])
+        assert np.array_equal(np.asarray(batch[k]), source[9][k])
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
-        TrainInput(ds.train, mesh=_mesh(8), global_batch=12, image_size=32, seed=0)
+        _train(ds.train, _mesh(8), 0, 1, batch=12)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_stop(ds):
+    import multiprocessing
+    mesh = _mesh(2)
+    threads = _train(ds.train, mesh, 3, 9)
+    workers = _train(ds.train, mesh, 3, 9, loading=Loading(workers=2, prefetch=1))
+    for x, y in zip(threads, workers, strict=True):
+        for k in ("image", "track", "camera"):
+            assert np.array_equal(np.asarray(x[k]), np.asarray(y[k]))
+    frames = RawFrames(ds.test.path, IMAGE_SIZE)
+    ordered = [b["index"] for b in ordered_batches(frames, batch_size=16,
+                                                   loading=Loading(workers=2, prefetch=1))]
+    assert np.array_equal(np.concatenate(ordered)[:ds.test.num_frames],
+                          np.arange(ds.test.num_frames))
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
 
 
 def test_resident_data_and_index_batches(ds):
     mesh = _mesh(4)
-    res = load_resident(ds.train, IMAGE_SIZE, mesh)
+    res = load_resident(ds.train, RawFrames(ds.train.path, IMAGE_SIZE), mesh)
     assert res["image"].shape == (ds.train.num_frames, 32, 16, 3)
     assert res["image"].sharding.is_fully_replicated
     assert np.array_equal(np.asarray(res["track"]), ds.train.track)
     assert np.array_equal(np.asarray(res["camera"]), ds.train.camera)
-    assert np.array_equal(np.asarray(res["image"][7]), images.decode_resize(ds.train.path[7], 32, 16))
+    assert np.array_equal(np.asarray(res["image"]),
+                          _reference(ds.train, np.arange(ds.train.num_frames), 32, 16))
     gen = resident_batches(ds.train.num_frames, global_batch=8, seed=4, mesh=mesh, start_step=3)
     idx = next(gen)["index"]
     assert idx.dtype == np.int32 and idx.sharding.spec == jax.sharding.PartitionSpec("data")
     assert np.array_equal(np.asarray(idx), batch_indices(4, 3, ds.train.num_frames, 8))
-    host = TrainInput(ds.train, global_batch=8, image_size=IMAGE_SIZE, seed=4, mesh=mesh).host_batch(3)
-    assert np.array_equal(np.asarray(res["image"])[np.asarray(idx)], host["image"])
+    streamed = _train(ds.train, mesh, 3, 4, seed=4, batch=8)[0]
+    assert np.array_equal(np.asarray(res["image"])[np.asarray(idx)],
+                          np.asarray(streamed["image"]))
 
 
 def test_ordered_batches_cover_every_frame_once(ds):
     n = ds.test.num_frames
-    batches = list(ordered_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE))
+    frames = RawFrames(ds.test.path, IMAGE_SIZE)
+    batches = list(ordered_batches(frames, batch_size=16))
     assert len(batches) == -(-n // 16)
     index = np.concatenate([b["index"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
@@ -212,9 +238,10 @@ def test_ordered_batches_cover_every_frame_once(ds):
     last = batches[-1]
     assert last["image"].shape == (16, 32, 16, 3)
     assert (last["image"][~last["valid"]] == 0).all()
-    assert np.array_equal(batches[0]["image"][5], images.decode_resize(ds.test.path[5], 32, 16))
-    sharded = list(ordered_batches(ds.test, batch_size=16, image_size=IMAGE_SIZE,
-                                sharding=NamedSharding(_mesh(4), PartitionSpec("data"))))
+    image = np.concatenate([b["image"] for b in batches])[:n]
+    assert np.array_equal(image, _reference(ds.test, np.arange(n), 32, 16))
+    sharded = list(ordered_batches(frames, batch_size=16,
+                                   sharding=NamedSharding(_mesh(4), PartitionSpec("data"))))
     assert np.array_equal(np.concatenate([b["index"] for b in sharded]), index)
 
 
@@ -224,17 +251,27 @@ def test_pipeline_names_a_corrupt_frame(ds, tmp_path):
     table = ds.train.select_tracklets(np.arange(ds.train.num_tracklets) == 0)
     table = dataclasses.replace(table, path=np.array([str(bad)] * table.num_frames))
     with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
-        list(ordered_batches(table, batch_size=4, image_size=IMAGE_SIZE))
+        list(ordered_batches(RawFrames(table.path, IMAGE_SIZE), batch_size=4))
     with pytest.raises(DatasetError, match="cannot decode image .*broken.png"):
-        next(TrainInput(table, global_batch=4, image_size=IMAGE_SIZE, seed=0,
-                        mesh=_mesh(1)).iterate(0))
+        _train(table, _mesh(1), 0, 1, batch=4)
 
 
-def test_throughput_benchmark_reports_both_formats():
-    from upm_jax.benchmark.input import decode_resize_throughput
-    result = decode_resize_throughput(num_images=4, min_seconds=0.01, num_threads=2)
-    assert result["out_size"] == [256, 128] and result["threads"] == 2
-    for fmt in ("png", "jpeg"):
-        assert set(result[fmt]) == {"single_thread", "pool", "pool_per_core"}
-        assert result[fmt]["single_thread"] > 0
-        assert result[fmt]["pool_per_core"] == result[fmt]["pool"] / result["cpu_cores"]
+def test_input_benchmark_records(tmp_path):
+    from upm_jax.benchmark import input as input_bench
+    decode = input_bench.decode_resize_throughput(num_images=4, min_seconds=0.01)
+    assert [r["format"] for r in decode] == ["png", "jpeg"]
+    assert all(r["out_size"] == [256, 128] and r["frames_per_s"] > 0 for r in decode)
+    pipeline = input_bench.pipeline_throughput(ids=2, image_size=64, batch=8,
+                                               worker_counts=(0,), min_seconds=0.01,
+                                               folder=str(tmp_path))
+    assert [(r["source"], r["workers"]) for r in pipeline] == [("raw", 0), ("prepared", 0)]
+    assert all(r["frames_per_s"] > 0 and r["out_size"] == [64, 32] for r in pipeline)
+    assert os.listdir(tmp_path) == []
+    needs = input_bench.config_needs([dict(pipeline[0], frames_per_cpu_s=1000.0),
+                                      dict(pipeline[1], frames_per_cpu_s=10000.0)])
+    mars = {r["target"]: r for r in needs if r["config"] == "mars"}
+    h100 = mars["H100 bf16"]
+    assert h100["frames_per_s_needed"] == pytest.approx(1000 / 2.7 * 64)
+    assert h100["host_cores_raw"] == pytest.approx(h100["frames_per_s_needed"] / 1000)
+    assert h100["host_cores_prepared"] == pytest.approx(h100["frames_per_s_needed"] / 10000)
+    assert all(r["host_cores_raw"] == 0 for r in needs if r["resident"])

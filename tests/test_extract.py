@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from upm_jax import extract, parallel
-from upm_jax.data import FrameTable
+from upm_jax.data import FrameTable, RawFrames
 from upm_jax.evaluation import DegenerateFeaturesWarning, load_features, montage_paths_file
 
 
@@ -47,10 +47,11 @@ def _extract(tmp_path, same_images):
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)))
     mesh = parallel.make_mesh()
     path = str(tmp_path / "features.npz")
+    frames = RawFrames(dataset.test.path, 32)
     extract.write_frame_features(model, variables, dataset, path, mesh=mesh,
-                                 batch_size=mesh.size, image_size=32, pooling="max")
-    in_memory = extract.extract_frame_features(model, variables, dataset.test, mesh=mesh,
-                                               batch_size=mesh.size, image_size=32)
+                                 batch_size=mesh.size, frames=frames, pooling="max")
+    in_memory = extract.extract_frame_features(model, variables, frames, mesh=mesh,
+                                               batch_size=mesh.size)
     return dataset, path, in_memory
 
 

@@ -104,24 +104,43 @@ def test_ported_file_holds_weights_gamma_beta_and_moving_statistics(ported):
         np.testing.assert_array_equal(stats[path], value, err_msg=path)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (256, 128), (225, 161)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
-def test_mobilenet_matches_reference(ported, size):
+@pytest.fixture(scope="module")
+def references(ported):
+    """size -> (images, reference endpoints, reference DAL feature), computed once for both
+    convolution formulations."""
     import tensorflow as tf
 
-    values, out = ported
-    images = np.random.default_rng(size[0] * size[1]).uniform(-1, 1, (2, *size, 3))
-    images = images.astype(np.float32)
+    values, _ = ported
+    cache = {}
+
+    def get(size):
+        if size not in cache:
+            images = np.random.default_rng(size[0] * size[1]).uniform(-1, 1, (2, *size, 3))
+            images = images.astype(np.float32)
+            odd = size[0] % 2 or size[1] % 2
+            ref = (_raw_tf_reference if odd else _keras_reference)(values, images)
+            final = ref["Conv2d_13_pointwise"]
+            h, w = final.shape[1:3]
+            ref_dal = tf.nn.avg_pool2d(final, (min(h, 7), min(w, 7)), 2, "VALID").numpy()
+            cache[size] = images, ref, ref_dal
+        return cache[size]
+
+    return get
+
+
+@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
+@pytest.mark.parametrize("size", [(224, 224), (256, 128), (225, 161)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_mobilenet_matches_reference(ported, references, size, conv_impl):
+    """Both formulations of the convolutions: 'auto' (this CPU's) and 'xla' (GPU/TPU's)."""
+    _, out = ported
+    images, ref, ref_dal = references(size)
     odd = size[0] % 2 or size[1] % 2
-    ref = (_raw_tf_reference if odd else _keras_reference)(values, images)
-    final = ref["Conv2d_13_pointwise"]
-    h, w = final.shape[1:3]
-    ref_dal = tf.nn.avg_pool2d(final, (min(h, 7), min(w, 7)), 2, "VALID").numpy()
-    feats, endpoints = syn.run_ported("mobilenet_v1", values, out, images)
+    feats, endpoints = syn.run_ported("mobilenet_v1", out, images, conv_impl=conv_impl)
     errors = {name: syn.rel_err(endpoints[name], want) for name, want in ref.items()}
     errors["AvgPool_1a"] = syn.rel_err(np.asarray(feats)[:, :, None, :], ref_dal)
     assert len(errors) == 28
-    print(f"\nmobilenet_v1 {size} ({'raw tf' if odd else 'keras'}): max rel err "
+    print(f"\nmobilenet_v1 {size} {conv_impl} ({'raw tf' if odd else 'keras'}): max rel err "
           f"{max(errors.values()):.2e}; " + ", ".join(
               f"{k}={v:.1e}" for k, v in errors.items() if "pointwise" in k or "_0" in k
               or "Avg" in k))

@@ -81,13 +81,29 @@ def test_ported_file_holds_weights_gamma_beta_and_moving_statistics(ported):
         np.testing.assert_array_equal(stats[path], value, err_msg=path)
 
 
+@pytest.fixture(scope="module")
+def references(ported):
+    """size -> (images, tf_slim's endpoints), computed once for both convolution formulations."""
+    _, ckpt, _ = ported
+    cache = {}
+
+    def get(size):
+        if size not in cache:
+            images = np.random.default_rng(size[0] + size[1]).uniform(-1, 1, (2, *size, 3))
+            images = images.astype(np.float32)
+            cache[size] = images, _slim_reference(ckpt, images)
+        return cache[size]
+
+    return get
+
+
+@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_resnet_matches_tf_slim(ported, size):
-    values, ckpt, out = ported
-    images = np.random.default_rng(size[0] + size[1]).uniform(-1, 1, (2, *size, 3))
-    images = images.astype(np.float32)
-    ref = _slim_reference(ckpt, images)
-    feats, endpoints = syn.run_ported("resnet_v1_50", values, out, images)
+def test_resnet_matches_tf_slim(ported, references, size, conv_impl):
+    """Both formulations of the convolutions: 'auto' (this CPU's) and 'xla' (GPU/TPU's)."""
+    _, _, out = ported
+    images, ref = references(size)
+    feats, endpoints = syn.run_ported("resnet_v1_50", out, images, conv_impl=conv_impl)
     errors = {}
     for name, want in ref.items():
         if name == "pool5":
@@ -97,7 +113,7 @@ def test_resnet_matches_tf_slim(ported, size):
             ours = np.asarray(endpoints[key])
         errors[name] = syn.rel_err(ours, want)
     assert len(errors) == 1 + 16 + 4 + 1  # conv1, 16 units, 4 blocks, pool5
-    print(f"\nresnet_v1_50 {size}: max rel err {max(errors.values()):.2e}; " +
+    print(f"\nresnet_v1_50 {size} {conv_impl}: max rel err {max(errors.values()):.2e}; " +
           ", ".join(f"{k.split('/', 1)[-1]}={v:.1e}" for k, v in errors.items()
                     if "unit" not in k))
     bad = {k: v for k, v in errors.items() if not v < TOL}

@@ -14,12 +14,19 @@ GRADS = [np.array([0.5, -1.0, 3.0]), np.array([0.2, 0.3, -4.0]), np.array([-0.7,
 W0 = np.array([1.0, -2.0, 0.5])
 
 
-def _run(tx, grads=GRADS, w0=W0):
+def _constant(name, lr):
+    """A schedule of `name` that keeps `lr` for the few steps run here."""
+    return optim.make_schedule(name, learning_rate=lr, learning_rate_2=lr, steps_per_epoch=1.0,
+                               decay_rate=1.0, total_steps=100)
+
+
+def _run(tx, schedule, grads=GRADS, w0=W0):
     params = {"w": jnp.asarray(w0, jnp.float32)}
     state = tx.init(params)
     out = []
     for g in grads:
-        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params,
+                                   schedule=schedule)
         params = optax.apply_updates(params, updates)
         out.append(np.asarray(params["w"]))
     return out
@@ -38,7 +45,7 @@ def _tf1_rmsprop_by_hand(lrs, grads=GRADS, w0=W0):
 
 def test_tf1_rmsprop_first_step_written_out():
     # step 1, coordinate 0: ms = .9 + .1 * .25 = .925; mom = .1 * .5 / sqrt(1.925); w = 1 - mom
-    got = _run(optim.tf1_rmsprop(0.1))[0]
+    got = _run(optim.make_optimizer("rmsprop"), _constant("rmsprop", 0.1))[0]
     np.testing.assert_allclose(got[0], 1 - 0.05 / math.sqrt(1.925), rtol=1e-6)
     # coordinate 2: ms = .9 + .9 = 1.8; mom = .3 / sqrt(2.8)
     np.testing.assert_allclose(got[2], 0.5 - 0.3 / math.sqrt(2.8), rtol=1e-6)
@@ -46,8 +53,9 @@ def test_tf1_rmsprop_first_step_written_out():
 
 def test_tf1_rmsprop_matches_update_equations_with_decaying_lr():
     # decay every step: lr_t = .1 * .5^t, applied inside the momentum accumulator
-    schedule = optim.staircase_decay(0.1, decay_steps=1, decay_rate=0.5)
-    got = _run(optim.tf1_rmsprop(schedule))
+    schedule = optim.make_schedule("rmsprop", learning_rate=0.1, steps_per_epoch=0.5,
+                                   decay_epochs=2.0, decay_rate=0.5, total_steps=3)
+    got = _run(optim.make_optimizer("rmsprop"), schedule)
     expected = _tf1_rmsprop_by_hand([0.1, 0.05, 0.025])
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
@@ -58,7 +66,7 @@ def test_tf1_rmsprop_matches_tensorflow():
 
     var = tf.Variable(W0.astype(np.float32))
     opt = tf.compat.v1.train.RMSPropOptimizer(0.1, decay=0.9, momentum=0.9, epsilon=1.0)
-    got = _run(optim.tf1_rmsprop(0.1))
+    got = _run(optim.make_optimizer("rmsprop"), _constant("rmsprop", 0.1))
     for g, mine in zip(GRADS, got):
         opt.apply_gradients([(tf.constant(g.astype(np.float32)), var)])
         np.testing.assert_allclose(mine, var.numpy(), rtol=1e-6, atol=1e-7)
@@ -67,12 +75,14 @@ def test_tf1_rmsprop_matches_tensorflow():
 def test_sgd_nesterov_two_piece_matches_tensorflow_and_hand_rule():
     import tensorflow as tf
 
-    tx, schedule = optim.make_optimizer("sgd", learning_rate=0.1, learning_rate_2=0.01,
-                                        steps_per_epoch=5.0, total_steps=4)
+    tx = optim.make_optimizer("sgd")
+    schedule = optim.make_schedule("sgd", learning_rate=0.1, learning_rate_2=0.01,
+                                   steps_per_epoch=5.0, total_steps=4)
     # boundary 4 // 2 = 2: steps 0, 1, 2 use .1, step 3 uses .01 (tf.train.piecewise_constant)
-    assert [float(schedule(s)) for s in range(4)] == pytest.approx([0.1, 0.1, 0.1, 0.01])
+    assert [float(optim.learning_rate_at(schedule, s)) for s in range(4)] == pytest.approx(
+        [0.1, 0.1, 0.1, 0.01])
     grads = GRADS + [np.array([1.0, 1.0, -1.0])]
-    got = _run(tx, grads)
+    got = _run(tx, schedule, grads)
     w, acc = W0.copy(), np.zeros(3)
     var = tf.Variable(W0.astype(np.float32))
     lr_var = tf.Variable(0.1)
@@ -89,21 +99,28 @@ def test_sgd_nesterov_two_piece_matches_tensorflow_and_hand_rule():
 
 def test_rmsprop_staircase_schedule_lengths():
     # 1050 frames / batch 100 = 10.5 steps per epoch; decay every int(10.5 * 2) = 21 steps
-    tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.045, steps_per_epoch=10.5,
-                                        total_steps=100)
-    values = [float(schedule(s)) for s in (0, 20, 21, 41, 42)]
+    schedule = optim.make_schedule("rmsprop", learning_rate=0.045, steps_per_epoch=10.5,
+                                   total_steps=100)
+    assert int(schedule.decay_steps) == 21
+    values = [float(optim.learning_rate_at(schedule, s)) for s in (0, 20, 21, 41, 42)]
     np.testing.assert_allclose(values, [0.045, 0.045, 0.045 * 0.94, 0.045 * 0.94, 0.045 * 0.94 ** 2],
                                rtol=1e-6)
-    assert isinstance(tx, optax.GradientTransformation)
+    # the same values, to the bit, as optax's staircase schedule the step used to compile in
+    reference = optax.exponential_decay(0.045, transition_steps=21, decay_rate=0.94, staircase=True)
+    steps = jnp.arange(200, dtype=jnp.int32)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(lambda t: optim.learning_rate_at(schedule, t)))(steps),
+                                  jax.jit(jax.vmap(reference))(steps))
 
 
-def test_make_optimizer_rejects_bad_settings():
+def test_make_optimizer_and_schedule_reject_bad_settings():
     with pytest.raises(ValueError, match="'adam' is not one of"):
-        optim.make_optimizer("adam", learning_rate=0.1, steps_per_epoch=1.0, total_steps=10)
+        optim.make_optimizer("adam")
+    with pytest.raises(ValueError, match="'adam' is not one of"):
+        optim.make_schedule("adam", learning_rate=0.1, steps_per_epoch=1.0, total_steps=10)
     with pytest.raises(ValueError, match="decay interval"):
-        optim.make_optimizer("rmsprop", learning_rate=0.1, steps_per_epoch=0.2, total_steps=10)
+        optim.make_schedule("rmsprop", learning_rate=0.1, steps_per_epoch=0.2, total_steps=10)
     with pytest.raises(ValueError, match="learning_rate_2"):
-        optim.make_optimizer("sgd", learning_rate=0.1, steps_per_epoch=1.0, total_steps=10)
+        optim.make_schedule("sgd", learning_rate=0.1, steps_per_epoch=1.0, total_steps=10)
 
 
 def test_ema_decay_schedule_and_update():

@@ -18,12 +18,14 @@ import scipy.io
 from repo_configs import tiny_config
 from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import config as config_lib
+from upm_jax import data as data_lib
 from upm_jax import evaluation
 from upm_jax import extract
 from upm_jax import parallel
 from upm_jax import run
 from upm_jax import workdir as workdir_lib
 from upm_jax.data import eval_set as eval_set_lib
+from upm_jax.data import synthetic
 from upm_jax.training import trainer as trainer_lib
 from upm_jax.workdir import Workdir
 
@@ -301,6 +303,8 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
     ("train__steps", 0, "config.train.steps=0"),
     ("train__divergence_factor", 0.5, "above 1"),
     ("eval__batch_size", -8, "config.eval.batch_size=-8: expected 0 (chosen per backend)"),
+    ("model__matmul_precision", "fast", "config.model.matmul_precision='fast': expected one of "
+                                        "['default', 'high', 'highest']"),
 ])
 def test_impossible_values_fail_before_any_work(tmp_path, field, value, message):
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
@@ -422,3 +426,28 @@ def test_a_damaged_test_set_or_checkpoint_is_named_and_never_used(copy_of_traine
                              re.escape(os.path.relpath(data, item)) + " is damaged"):
         run.run(None, workdir, mode="extract")
     assert open(features, "rb").read() == before   # nothing written from it
+
+
+@pytest.mark.slow
+def test_split_all_compiles_the_training_step_once(tmp_path, caplog):
+    """Every split of a benchmark runs the one compiled training step: the schedule is a
+    traced input and the resident frames are padded to the largest split, so two splits of
+    different sizes compile the step once, and the extraction function once."""
+    import logging
+
+    import jax
+
+    root = str(tmp_path / "prid")
+    synthetic.generate("prid2011", root, ids=8, seed=3, num_splits=2)
+    plan = data_lib.resolve_splits("prid2011", root, "all", synthetic.split_file(root))
+    assert plan.numbers == [1, 2] and len(set(plan.train_frames.values())) == 2
+    config = tiny_config(data__root=root, data__split_file=synthetic.split_file(root),
+                         data__synthetic_ids=0, data__splits="all")
+    jax.clear_caches()   # what earlier tests compiled must not hide a compilation here
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        results = run.run(config, str(tmp_path / "run"))
+    assert {"split_1", "split_2", "mean"} <= set(results)
+    compiled = [r.getMessage().split()[1] for r in caplog.records
+                if r.getMessage().startswith("Compiling ")]
+    assert compiled.count("jit(resident_train_step)") == 1, compiled
+    assert compiled.count("jit(extract_features)") == 1, compiled

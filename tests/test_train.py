@@ -76,17 +76,18 @@ def _batches(num, seed=0, batch=BATCH, image=IMAGE):
 
 
 def _setup(mesh, model=None, image=IMAGE, optimizer="rmsprop", cross_start_step=1):
+    """(initial state, step(state, batch[, dataset])) with the schedule bound."""
     model = model or TinyModel()
-    tx, schedule = optim.make_optimizer(optimizer, learning_rate=0.045, learning_rate_2=0.0045,
-                                        steps_per_epoch=1.0, total_steps=6)
+    tx = optim.make_optimizer(optimizer)
+    schedule = optim.make_schedule(optimizer, learning_rate=0.045, learning_rate_2=0.0045,
+                                   steps_per_epoch=1.0, total_steps=6, cross_start=cross_start_step)
     dims = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image, 3))))
     feat = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, *image, 3))), dims)
     memory = AnchorMemory.zeros(SIZES, feat.shape[1], feat.shape[2])
     state = state_lib.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx,
                                      memory=memory, mesh=mesh)
-    step_fn = step_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=cross_start_step,
-                                    frozen_scopes=model.frozen_scopes)
-    return state, step_fn
+    step_fn = step_lib.make_train_step(model, optimizer, mesh=mesh, frozen_scopes=model.frozen_scopes)
+    return state, lambda state, batch, dataset=None: step_fn(state, schedule, batch, dataset)
 
 
 def _host(state):
@@ -113,10 +114,14 @@ def _assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 # clipping; from its third step a nearest-anchor decision can flip). The yardstick is the
 # run's own rounding noise: the same run with each batch's samples reversed, which changes
 # nothing but the summation order. 8 devices vs 1 may differ by no more than twice that.
+# The real model runs in both convolution formulations: 'auto' (this CPU's taps and matrix
+# products) and 'xla' (XLA's convolution, what GPUs and TPUs run).
 MODELS = {
     "tiny": (TinyModel, IMAGE, BATCH, 4),
     "mobilenet_gam": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
                                           n_part=2), (64, 32), 8, 2),
+    "mobilenet_gam_xla": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
+                                              n_part=2, conv_impl="xla"), (64, 32), 8, 2),
 }
 GROUPS = ("params", "ema_params", "batch_stats", "memory", "opt_state")
 
@@ -163,6 +168,23 @@ def reversed_run(case):
 
 
 def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
+    _check_eight_devices_equal_one(case, eight_device_run, reversed_run)
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device_with_xla_convolutions():
+    """The same with the accelerators' formulation of the convolutions, run on this CPU."""
+    make, image, batch, steps = MODELS["mobilenet_gam_xla"]
+    case = dict(name="mobilenet_gam_xla", model=make(), image=image, batch=batch, steps=steps)
+    assert case["model"].conv_impl == "xla"
+    mesh = parallel.make_mesh()
+    eight = _run_host(mesh, _case_batches(case), model=case["model"], image=image)
+    reversed_run = _run_host(mesh, _case_batches(case, reverse=True), model=case["model"],
+                             image=image)
+    _check_eight_devices_equal_one(case, eight, reversed_run)
+
+
+def _check_eight_devices_equal_one(case, eight_device_run, reversed_run):
     state8, metrics8 = eight_device_run
     state1, metrics1 = _run_host(parallel.make_mesh(jax.devices()[:1]), _case_batches(case),
                                  model=case["model"], image=case["image"])
@@ -275,10 +297,13 @@ def test_state_is_donated_and_bad_batches_are_rejected():
         step_fn(state, dict(batch, image=batch["image"].astype(np.float32)))
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         step_fn(state, {k: v[:12] for k, v in batch.items()})
+    schedule = optim.make_schedule("rmsprop", learning_rate=0.01, steps_per_epoch=1.0, total_steps=2)
     with pytest.raises(ValueError, match="frozen_scopes"):
-        tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.01, steps_per_epoch=1.0, total_steps=2)
-        step_lib.make_train_step(TinyModel(), tx, schedule, mesh=mesh, cross_start_step=0,
-                              frozen_scopes=())(state, parallel.global_batch(batch, mesh))
+        step_lib.make_train_step(TinyModel(), "rmsprop", mesh=mesh, frozen_scopes=())(
+            state, schedule, parallel.global_batch(batch, mesh))
+    with pytest.raises(TypeError, match="optim.Schedule"):   # the call of old, with no schedule
+        step_lib.make_train_step(TinyModel(), "rmsprop", mesh=mesh, frozen_scopes=(("head", "Logits"),))(
+            state, parallel.global_batch(batch, mesh), None)
 
 
 @pytest.mark.slow
@@ -320,7 +345,7 @@ def test_create_train_state_loads_pretrained_backbone(tmp_path):
     path = str(tmp_path / "weights.npz")
     save_weights(path, {"backbone/" + k: v for k, v in flat.items()}, backbone="mobilenet_v1",
                  source="test", stats=stats)
-    tx, _ = optim.make_optimizer("rmsprop", learning_rate=0.045, steps_per_epoch=1.0, total_steps=2)
+    tx = optim.make_optimizer("rmsprop")
     memory = AnchorMemory.zeros(SIZES, 2, model.feature_dim)
     state = state_lib.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx, memory=memory,
                                      mesh=mesh, pretrained=path)
@@ -372,7 +397,8 @@ def test_trainer_factory_uses_the_config_hyper_parameters():
     mesh = parallel.make_mesh()
     trainer = trainer_lib.make_trainer(config, "local", table, mesh, load_weights=False)
     assert trainer.cross_start == (40 // 8) * 3
-    assert float(trainer.schedule(0)) == pytest.approx(0.07)
+    assert float(optim.learning_rate_at(trainer.schedule, 0)) == pytest.approx(0.07)
+    assert int(trainer.schedule.cross_start) == trainer.cross_start
     assert trainer.state.memory.intra.shape == (2, 5, trainer.model.feature_dim)  # [P, T, D]
     assert trainer.image_shape == (64, 32) and trainer.resident is None
 
@@ -414,7 +440,7 @@ def test_anchors_from_features_run_the_imagenet_network_with_its_moving_statisti
     trainer = trainer_lib.make_trainer(config, "local", table, mesh)
     seen = {}
 
-    def first_pass(model, variables, table, **kwargs):
+    def first_pass(model, variables, frames, **kwargs):
         seen.update(flat(jax.device_get(variables["batch_stats"])))
         return np.ones((table.num_frames, 2, model.feature_dim), np.float32)
 

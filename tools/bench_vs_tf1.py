@@ -64,12 +64,13 @@ def train_worker(method, batch, image_size):
     feature_shape = jax.eval_shape(lambda: model.init_with_output(
         jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)), train=False)[0]).shape
     memory = AnchorMemory.zeros(TRACKLETS_PER_CAMERA, feature_shape[1], feature_shape[2])
-    tx, schedule = optim.make_optimizer("rmsprop", learning_rate=0.045, steps_per_epoch=4096 / batch,
-                                        total_steps=20000)
+    tx = optim.make_optimizer("rmsprop")
+    schedule = optim.make_schedule("rmsprop", learning_rate=0.045, steps_per_epoch=4096 / batch,
+                                   total_steps=20000)
     holder = {"state": state_lib.create_train_state(model, jax.random.PRNGKey(0),
                                                     image_shape=(height, width), tx=tx,
                                                     memory=memory, mesh=mesh)}
-    step_fn = step_lib.make_train_step(model, tx, schedule, mesh=mesh, cross_start_step=0,
+    step_fn = step_lib.make_train_step(model, "rmsprop", mesh=mesh,
                                         frozen_scopes=model.frozen_scopes)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
@@ -78,7 +79,7 @@ def train_worker(method, batch, image_size):
 
     def call(i):
         start = time.perf_counter()
-        holder["state"], metrics = step_fn(holder["state"],
+        holder["state"], metrics = step_fn(holder["state"], schedule,
                                            parallel.global_batch(batches[i % 4], mesh))
         loss = float(metrics["loss"])
         if not np.isfinite(loss):

@@ -363,9 +363,10 @@ def run_ours(args, method, init_values, batches, starts=None):
                         depth_multiplier=args.depth_multiplier, bn_decay=args.bn_decay)
     mesh = parallel.make_mesh(jax.devices()[:1])
     memory = AnchorMemory.zeros(args.tracklets, model.num_parts, model.feature_dim)
-    tx, schedule = optim.make_optimizer("rmsprop", learning_rate=args.lr,
-                                        steps_per_epoch=args.frames / args.batch,
-                                        total_steps=args.steps[-1])
+    tx = optim.make_optimizer("rmsprop")
+    schedule = optim.make_schedule("rmsprop", learning_rate=args.lr,
+                                   steps_per_epoch=args.frames / args.batch,
+                                   total_steps=args.steps[-1], cross_start=args.cross_start)
     h = args.image_size
     state = state_lib.create_train_state(model, jax.random.PRNGKey(args.seed), image_shape=(h, h // 2),
                                          tx=tx, memory=memory, mesh=mesh)
@@ -373,8 +374,7 @@ def run_ours(args, method, init_values, batches, starts=None):
                                     tracklets=args.tracklets, state_keys=state_leaves(state))
     template = state
     state = load_original(template, init_values, targets)
-    step_fn = step_lib.make_train_step(model, tx, schedule, mesh=mesh,
-                                        cross_start_step=args.cross_start,
+    step_fn = step_lib.make_train_step(model, "rmsprop", mesh=mesh,
                                         frozen_scopes=model.frozen_scopes)
     states, losses = {}, []
     for s in (sorted(starts) if starts else range(1, args.steps[-1] + 1)):
@@ -382,7 +382,7 @@ def run_ours(args, method, init_values, batches, starts=None):
             state = load_original(template, starts[s], targets)
         batch = {"image": batches["image"][s - 1], "track": batches["track"][s - 1].astype(np.int32),
                  "camera": batches["camera"][s - 1].astype(np.int32)}
-        state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
+        state, metrics = step_fn(state, schedule, parallel.global_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
         if s in args.steps:
             states[s] = as_original(state, targets)

@@ -50,6 +50,15 @@ def get_base_config():
     config.data.num_cameras = 0        # expected camera count, checked against the data (0 = any)
     config.data.image_size = 256       # frames are resized to (image_size, image_size // 2)
     config.data.resident = False       # keep the uint8 training frames on the accelerator
+    # Where frames are read: "raw" decodes the image files under root; "prepared" reads the
+    # set `python -m upm_jax.data prepare` wrote under data_dir (frames stored resized; the
+    # protocol still comes from root). Both give byte-identical batches.
+    config.data.source = "raw"
+    config.data.data_dir = ""          # the prepare command's --data-dir (a local folder)
+    # grain worker processes reading batches (0 = threads of the training process;
+    # -1 = chosen per host by upm_jax.data.pipeline.auto_workers)
+    config.data.workers = -1
+    config.data.prefetch = 2           # batches each reader reads ahead
     config.data.skip_corrupt = False   # skip (and report) unreadable images instead of failing
     config.data.synthetic_ids = 0      # > 0: generate a synthetic set of this many ids if root is empty
     config.data.synthetic_seed = 0     # seed of that generated set (independent of config.seed)
@@ -59,6 +68,10 @@ def get_base_config():
     config.model.depth_multiplier = 1.0      # MobileNet v1 only
     config.model.n_part = 8                  # stripes for upm_local / upm_global
     config.model.dtype = "float32"           # compute dtype: float32 | bfloat16
+    # Precision of float32 matrix products and convolutions on GPU/TPU: highest (float32, as
+    # the CPU and the originals compute) | high | default (TPU: bfloat16 passes, GPU: TF32;
+    # faster, different numbers): docs/training.md, "Precision".
+    config.model.matmul_precision = "highest"
     config.model.train_relation = False      # False = the originals' frozen GAM relation layers
     # BatchNorm moving-average decay; None = slim's (MobileNet 0.9997, ResNet 0.997).
     config.model.bn_decay = ml_collections.config_dict.placeholder(float)
@@ -258,11 +271,13 @@ def check_config(config, *, num_devices):
     """Fails early, naming the field, on values no run can use."""
     from upm_jax import data as data_lib  # noqa: PLC0415  (the readers; no JAX)
     from upm_jax import methods  # noqa: PLC0415  (imports the models, hence JAX)
+    from upm_jax.data import pipeline  # noqa: PLC0415  (JAX)
 
     check_known_fields(config)
     _one_of(config, "method", sorted(methods.METHODS))
     _one_of(config, "model.backbone", sorted(methods.BACKBONES))
     _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "model.matmul_precision", methods.MATMUL_PRECISIONS)
     _one_of(config, "train.optimizer", OPTIMIZERS)
     _one_of(config, "train.anchor_init", ANCHOR_INITS)
     _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",
@@ -287,6 +302,23 @@ def check_config(config, *, num_devices):
     if config.eval.batch_size % num_devices:
         raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be divisible"
                           f" by the {num_devices} devices in use")
+    _one_of(config, "data.source", pipeline.SOURCES)
+    if config.data.source == "prepared":
+        if not config.data.data_dir:
+            raise ConfigError("config.data.source='prepared' needs config.data.data_dir: the "
+                              "folder given to python -m upm_jax.data prepare --data-dir")
+        if "://" in config.data.data_dir:
+            raise ConfigError(f"config.data.data_dir={config.data.data_dir!r}: training reads "
+                              "a prepared set by random access from local disk; copy it there "
+                              "first (e.g. gcloud storage cp -r)")
+    workers = config.data.workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+        raise ConfigError(f"config.data.workers={workers!r}: expected -1 (chosen per host), "
+                          "0 (threads of the training process) or a number of processes")
+    prefetch = config.data.prefetch
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        raise ConfigError(f"config.data.prefetch={prefetch!r}: expected a number of batches "
+                          ">= 1")
     if not config.data.root:
         raise ConfigError("config.data.root is empty: set it to the raw dataset folder, e.g. "
                           "--config.data.root=/data/prid_2011")

@@ -7,6 +7,7 @@ the features file the evaluator reads (`upm_jax.evaluation` format) as it is ext
 so memory does not grow with the test set (MARS: 681,089 frames); the montage paths file
 is written next to it, and on request the `.mat` files the original MATLAB scripts load.
 """
+import functools
 import itertools
 import os
 import warnings
@@ -105,9 +106,10 @@ def write_model_features(config, eval_set, model, variables, model_dir, stem, me
     """The model's `<stem>.npz`: per-frame features of every test frame, with their ids,
     streamed to disk as they are extracted; its montage paths file next to it."""
     path = model_dir.features(stem)
+    frames, loading = data_lib.input_from_config(config, eval_set.test)
     write_frame_features(
         model, variables, eval_set, path, mesh=mesh, batch_size=extraction_batch(config, mesh),
-        image_size=config.data.image_size, pooling=config.eval.pooling,
+        frames=frames, loading=loading, pooling=config.eval.pooling,
         desc=f"{model_dir.label} {stem}")
     say(f"{model_dir.label}: wrote {path}")
     if config.eval.save_mat and stem == workdir_lib.FEATURES:
@@ -115,33 +117,39 @@ def write_model_features(config, eval_set, model, variables, model_dir, stem, me
         say(f"{model_dir.label}: wrote the MATLAB files in {model_dir.mat}")
 
 
+@functools.lru_cache(maxsize=16)
 def make_feature_fn(model, mesh):
-    """A jitted `(variables, uint8 images [B,H,W,3]) -> float32 features [B, P, D]`."""
+    """A jitted `(variables, uint8 images [B,H,W,3]) -> float32 features [B, P, D]`, the
+    same function for an equal model and mesh (so every split's extractions, and the
+    untrained network's, share one compilation per batch shape)."""
     batch_sharding = parallel.batch_sharding(mesh)
 
-    def features(variables, images):
+    def extract_features(variables, images):
         images = images.astype(jnp.float32) / 127.5 - 1.0
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
-    return jax.jit(features, out_shardings=batch_sharding)
+    return jax.jit(extract_features, out_shardings=batch_sharding)
 
 
-def frame_feature_batches(model, variables, table, *, mesh, batch_size, image_size, desc=None):
-    """Yield (start, float32 features [b, P, D]) of every frame of `table`, in table order,
-    one global batch at a time, on every process.
+def frame_feature_batches(model, variables, frames, *, mesh, batch_size,
+                          loading=data_lib.Loading(), desc=None):
+    """Yield (start, float32 features [b, P, D]) of every frame of `frames` (a frame source
+    of a table, `data.frame_source`), in table order, one global batch at a time, on every
+    process.
 
-    Each process decodes only the rows of each global batch its devices hold; the device
-    work of batch i overlaps the decoding of batch i + 1 (results are fetched one batch
-    late). `desc`: label of a progress bar over the batches (process 0).
+    Each process reads only the rows of each global batch its devices hold, as `loading`
+    says (grain workers, read-ahead); the device work of batch i overlaps the reading of
+    later batches (results are fetched one batch late). `desc`: label of a progress bar
+    over the batches (process 0).
     """
     if batch_size % mesh.size:
         raise ValueError(f"eval.batch_size={batch_size} must be divisible by the "
                          f"{mesh.size} devices in use")
     feature_fn = make_feature_fn(model, mesh)
     sharding = parallel.batch_sharding(mesh)
-    num_frames = table.num_frames
-    batches = data_lib.ordered_batches(table, batch_size=batch_size, image_size=image_size,
-                                       sharding=sharding)
+    num_frames = len(frames)
+    batches = data_lib.ordered_batches(frames, batch_size=batch_size, sharding=sharding,
+                                       loading=loading)
     pending = None
     starts = tqdm.tqdm(range(0, num_frames, batch_size), desc=desc, unit="batch",
                        disable=desc is None or jax.process_index() != 0, dynamic_ncols=True)
@@ -162,15 +170,16 @@ def _fetch(pending, batch_size, num_frames):
     return start, feats[:min(batch_size, num_frames - start)]
 
 
-def extract_frame_features(model, variables, table, *, mesh, batch_size, image_size):
-    """Features of every frame of `table` in table order: float32 [N, P, D] on every process
-    (the training frames for `train.anchor_init="features"`; test sets are written to disk
-    as they are extracted instead, by `write_frame_features`)."""
+def extract_frame_features(model, variables, frames, *, mesh, batch_size,
+                           loading=data_lib.Loading()):
+    """Features of every frame of `frames` (a table's frame source) in table order: float32
+    [N, P, D] on every process (the training frames for `train.anchor_init="features"`;
+    test sets are written to disk as they are extracted instead, by `write_frame_features`)."""
     out = None
-    for start, feats in frame_feature_batches(model, variables, table, mesh=mesh,
-                                              batch_size=batch_size, image_size=image_size):
+    for start, feats in frame_feature_batches(model, variables, frames, mesh=mesh,
+                                              batch_size=batch_size, loading=loading):
         if out is None:
-            out = np.zeros((table.num_frames,) + feats.shape[1:], np.float32)
+            out = np.zeros((len(frames),) + feats.shape[1:], np.float32)
         out[start:start + len(feats)] = feats
     return out
 
@@ -195,10 +204,11 @@ def representative_frames(table):
     return [str(p) if c else "" for p, c in zip(table.path[middle], counts)]
 
 
-def write_frame_features(model, variables, dataset, path, *, mesh, batch_size, image_size,
-                         pooling, dtype=np.float32, desc=None):
-    """Extract every test frame straight into the features file `path`, and its montage
-    paths file (`X.paths.txt`: one representative frame per tracklet) next to it.
+def write_frame_features(model, variables, dataset, path, *, mesh, batch_size, frames,
+                         pooling, loading=data_lib.Loading(), dtype=np.float32, desc=None):
+    """Extract every test frame (read from `frames`, the frame source of `dataset.test`)
+    straight into the features file `path`, and its montage paths file (`X.paths.txt`:
+    one representative frame per tracklet) next to it.
 
     All processes extract; process 0 writes, batch by batch, so memory stays at a few
     batches however many frames there are. Features nearly identical across frames give
@@ -206,8 +216,8 @@ def write_frame_features(model, variables, dataset, path, *, mesh, batch_size, i
     file; a value beyond float16's range is an error naming the frame).
     """
     test = dataset.test
-    batches = frame_feature_batches(model, variables, test, mesh=mesh, batch_size=batch_size,
-                                    image_size=image_size, desc=desc)
+    batches = frame_feature_batches(model, variables, frames, mesh=mesh, batch_size=batch_size,
+                                    loading=loading, desc=desc)
     if jax.process_index() != 0:
         for _ in batches:
             pass

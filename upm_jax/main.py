@@ -124,6 +124,8 @@ def main(argv):
 
     from upm_jax import interrupts  # noqa: PLC0415
     from upm_jax import parallel  # noqa: PLC0415
+    from upm_jax import runtime  # noqa: PLC0415
+    runtime.enable_compilation_cache()
     try:
         parallel.initialize(_DISTRIBUTED.value)
         _check_devices(jax)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from upm_jax import models
 from upm_jax.config import ConfigError
-from upm_jax.models import BACKBONES
+from upm_jax.models import BACKBONES, MATMUL_PRECISIONS
 
 # method -> the models it trains, as (sub-folder name, head). `upm` evaluates the
 # per-part concatenation of its LAM and GAM models' features.
@@ -16,8 +16,8 @@ METHODS = {
     "upm": (("lam", "local"), ("gam", "global")),
 }
 
-__all__ = ["BACKBONES", "METHODS", "build_model", "check_frames_fit", "image_shape",
-           "num_parts"]
+__all__ = ["BACKBONES", "MATMUL_PRECISIONS", "METHODS", "build_model", "check_frames_fit",
+           "image_shape", "num_parts"]
 
 
 def num_parts(config, head):
@@ -36,7 +36,7 @@ def build_model(config, head):
         config.model.backbone, head, n_part=num_parts(config, head),
         depth_multiplier=config.model.depth_multiplier,
         dtype=jnp.dtype(config.model.dtype), train_relation=config.model.train_relation,
-        bn_decay=config.model.bn_decay)
+        bn_decay=config.model.bn_decay, matmul_precision=config.model.matmul_precision)
 
 
 def check_frames_fit(config):

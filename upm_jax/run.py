@@ -82,8 +82,11 @@ def _run_modes(config, workdir, mode):
     mesh = parallel.make_mesh()
     results, initial = {}, {}
     _generate_synthetic(config)
-    numbers, source = _splits(config, workdir, recorded_first=mode in ("extract", "evaluate"))
+    numbers, source, train_frames = _splits(config, workdir,
+                                            recorded_first=mode in ("extract", "evaluate"))
     say(f"splits {numbers} of {source}")
+    # every split's resident frames padded to the largest: one compiled training step
+    resident_rows = max(train_frames.values(), default=None) if config.data.resident else None
     for number in numbers:
         split = workdir.split(number)
         model_dirs = split.models(config.method)
@@ -93,7 +96,8 @@ def _run_modes(config, workdir, mode):
             for model_dir in model_dirs:
                 if config.eval.initial and mode == "all":
                     extract.initial_features(config, dataset, model_dir, mesh)
-                trainer_lib.train_model(config, dataset, model_dir, mesh)
+                trainer_lib.train_model(config, dataset, model_dir, mesh,
+                                        resident_rows=resident_rows)
         if mode in ("extract", "all"):
             # the tables just read serve extraction too; alone, it reads the recorded test set
             eval_set = dataset if dataset is not None else _eval_set(config, split)
@@ -131,7 +135,8 @@ def _evaluate_split(config, split, model_dirs, stem=FEATURES):
 
 
 def _splits(config, workdir, *, recorded_first=False):
-    """The 1-based splits to run and where they come from (a line to print).
+    """The 1-based splits to run, where they come from (a line to print) and their training
+    frame counts on disk ({split: frames}; empty where the plan does not count them).
 
     Resolved against the raw folder (`data.resolve_splits`). With `recorded_first`
     (extraction, evaluation), the split folders a run already left in the workdir come
@@ -148,10 +153,10 @@ def _splits(config, workdir, *, recorded_first=False):
             raise ConfigError(f"{field}={config.data.splits!r}: split(s) {missing} have no "
                               f"folder in {workdir.path!r}; it holds splits {recorded} (train "
                               "them first with --mode train or all)")
-        return wanted, f"the split folders recorded in {workdir.path}"
+        return wanted, f"the split folders recorded in {workdir.path}", {}
     plan = data_lib.resolve_splits(config.data.layout, config.data.root, config.data.splits,
                                    config.data.split_file or None, field=field)
-    return plan.numbers, plan.protocol
+    return plan.numbers, plan.protocol, plan.train_frames
 
 
 def _prepare_workdir(workdir):
@@ -180,11 +185,17 @@ def _generate_synthetic(config):
 
 def _load_dataset(config, split):
     """The split's train and test tables from the raw folder; records the test side in
-    the split's folder for later extractions."""
+    the split's folder for later extractions. Reading a prepared set, the frames it
+    skipped as unreadable are the ones `data.skip_corrupt` leaves out (none is decoded)."""
     root = config.data.root
+    unreadable = None
+    if config.data.source == "prepared":
+        from upm_jax.data import prepared  # noqa: PLC0415  (imports TFDS)
+        unreadable = prepared.open_set(config.data.data_dir, config.data.layout,
+                                       config.data.image_size).unreadable
     dataset = data_lib.load_dataset(
         config.data.layout, root, split=split.number, split_file=config.data.split_file or None,
-        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt)
+        splits=config.data.splits, skip_corrupt=config.data.skip_corrupt, unreadable=unreadable)
     expected = config.data.num_cameras
     if expected and dataset.num_cameras != expected:
         raise ConfigError(

@@ -35,9 +35,11 @@ from upm_jax import methods
 from upm_jax.config import ConfigError
 from upm_jax.files import atomic_write, remove_temporaries
 
-# Fields a later invocation may change: they say where the data is or how often to log and
-# checkpoint, or only affect extraction and evaluation, never the trained model.
-FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "model.allow_scratch",
+# Fields a later invocation may change: they say where the data is, how it is read (every
+# source and reader count gives the same batches) or how often to log and checkpoint, or
+# only affect extraction and evaluation, never the trained model.
+FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "data.source",
+               "data.data_dir", "data.workers", "data.prefetch", "model.allow_scratch",
                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                "train.divergence_factor", "eval.")
 # The config fields that hold paths (recorded relative to the workdir when inside it).

@@ -12,10 +12,17 @@ backbone, method, dtype, batch and image size.
 Sections:
   train     training steps/s and frames/s (on-device dataset), XLA FLOPs per step, MFU
   extract   extraction frames/s with the on-device input and the host pipeline
-  input     decode + resize frames/s per CPU core (PNG and JPEG, 128x64 -> 256x128)
+  input     frames/s and frames per CPU-second: decode + resize (PNG and JPEG, 128x64 ->
+            image size), the grain pipeline from raw files and from a prepared set per
+            worker count, and the host cores each shipped config needs at the roofline
+            step rate (`benchmark/input.py`)
   evaluate  evaluator seconds and peak memory at MARS size (`benchmark/evaluation.py`)
   memory    peak memory of extraction and evaluation at MARS size (`benchmark/memory.py`;
             not in the default sections: it writes several GB under --memory-workdir)
+  compile   the config's training step and extraction function compiled ahead of time for
+            --targets (TPU topologies, an H100) with its own models, shapes and batch:
+            FLOPs, bytes, memory, collectives, precisions and the roofline per device
+            (`benchmark/compile.py`; not in the default sections; needs the `aot` extra)
 
 Every row names the device kind, the JAX version, the dtype and the batch size. Warm-up
 (compilation and the first steps) is excluded; each figure is the median of several
@@ -41,6 +48,7 @@ from upm_jax import config as config_lib  # noqa: E402
 from upm_jax import extract as extract_lib  # noqa: E402
 from upm_jax import methods  # noqa: E402
 from upm_jax import parallel  # noqa: E402
+from upm_jax.benchmark import hlo  # noqa: E402
 from upm_jax.data import FrameTable  # noqa: E402
 from upm_jax.files import atomic_write  # noqa: E402
 from upm_jax.training import trainer as trainer_lib  # noqa: E402
@@ -55,10 +63,25 @@ PEAK_FLOPS = {
     "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
     "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
+# HBM bandwidth per chip by device kind (vendor figures), for the roofline.
+HBM_BANDWIDTH = {"NVIDIA H100": 3.35e12, "NVIDIA H200": 4.8e12, "NVIDIA A100": 2.0e12,
+                 "TPU v4": 1.2e12, "TPU v5 lite": 819e9, "TPU v5p": 2.765e12,
+                 "TPU v6 lite": 1.64e12}
 HEADS = {"dal": "dal", "upm_local": "local", "upm_global": "global"}
 METHOD_OF_HEAD = {head: method for method, head in HEADS.items()}
 # The resident training set the train section samples from (PRID2011-like: 2 cameras).
 _FRAMES, _TRACKLETS_PER_CAMERA = 4096, (89, 89)
+
+
+def roofline_per_s(flops, moved, dtype):
+    """1 / max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) of one device's step: the most
+    steps/s this chip could run (None for a device without figures here)."""
+    bandwidth = next((b for prefix, b in HBM_BANDWIDTH.items()
+                      if jax.devices()[0].device_kind.startswith(prefix)), None)
+    peak = peak_flops(dtype)
+    if not (bandwidth and peak and flops and moved):
+        return None
+    return 1.0 / max(flops / peak, moved / bandwidth)
 
 
 def peak_flops(dtype):
@@ -133,17 +156,25 @@ def _train_setup(backbone, head, batch, dtype, args, mesh):
     resident = jax.device_put(resident, parallel.replicated(mesh))
     batches = [{"index": jax.device_put(rng.integers(0, _FRAMES, batch).astype(np.int32),
                                         parallel.batch_sharding(mesh))} for _ in range(8)]
-    return trainer.state, trainer.step_fn, resident, batches
+    return trainer, resident, batches
 
 
 def bench_train(backbone, head, batch, dtype, args, mesh):
     """Steps/s of the full training step with the on-device dataset."""
-    state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
-    lowered = step_fn.lower(state, batches[0], resident)
+    trainer, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
+    state, step_fn, schedule = trainer.state, trainer.step_fn, trainer.schedule
+    lowered = step_fn.lower(state, schedule, batches[0], resident)
     compiled = lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost and mesh.devices.flat[0].platform == "gpu":   # XLA:GPU has no cost analysis
+        try:
+            cost = hlo.gpu_cost(compiled, lowered, mesh.size)
+        except (AttributeError, ImportError) as e:   # XLA's private bindings moved
+            print(f"note: no cost analysis of the GPU step with jax {jax.__version__} ({e}): "
+                  "no FLOPs, MFU or roofline in this row", flush=True)
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    moved = float(cost.get("bytes accessed", 0.0)) if cost else 0.0
     memory = compiled.memory_analysis()  # XLA's buffer assignment of one step, per device
     holder = {"state": state, "usage": []}
 
@@ -151,7 +182,7 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
         before = resource.getrusage(resource.RUSAGE_SELF)
         s = holder["state"]
         for i in range(args.steps):
-            s, metrics = step_fn(s, batches[i % len(batches)], resident)
+            s, metrics = step_fn(s, schedule, batches[i % len(batches)], resident)
         jax.block_until_ready(metrics["loss"])
         holder["state"] = s
         after = resource.getrusage(resource.RUSAGE_SELF)
@@ -168,6 +199,7 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
                 flops_per_step=flops,
                 mfu=(flops * steps_per_s / (peak * jax.device_count())) if peak and flops
                 else None,
+                roofline_steps_per_s=roofline_per_s(flops, moved, dtype),
                 xla_temp_mb=memory.temp_size_in_bytes / 2**20 if memory else None,
                 xla_argument_mb=memory.argument_size_in_bytes / 2**20 if memory else None,
                 kernel_s_per_step=float(kernel_s), minor_faults_per_step=float(faults),
@@ -179,9 +211,9 @@ def largest_batch(backbone, head, dtype, args, mesh):
     batch, best = 64, None
     while batch <= args.max_batch_limit:
         try:
-            state, step_fn, resident, batches = _train_setup(backbone, head, batch, dtype,
-                                                             args, mesh)
-            state, metrics = step_fn(state, batches[0], resident)
+            trainer, resident, batches = _train_setup(backbone, head, batch, dtype, args, mesh)
+            trainer.state, metrics = trainer.step_fn(trainer.state, trainer.schedule,
+                                                     batches[0], resident)
             jax.block_until_ready(metrics["loss"])
             best = batch
         except Exception as e:  # XLA reports running out of memory as a runtime error.
@@ -189,7 +221,7 @@ def largest_batch(backbone, head, dtype, args, mesh):
                 raise
             break
         finally:
-            state = step_fn = resident = batches = None
+            trainer = resident = batches = None
         batch *= 2
     return best
 
@@ -228,9 +260,11 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
                                         split_file=synthetic.split_file(root))
         table = dataset.test
 
+        frames = data_lib.RawFrames(table.path, args.image_size)
+
         def host_input():
-            extract_lib.extract_frame_features(model, variables, table, mesh=mesh,
-                                               batch_size=batch, image_size=args.image_size)
+            extract_lib.extract_frame_features(model, variables, frames, mesh=mesh,
+                                               batch_size=batch)
 
         median, low, high = timed(host_input, max(1, args.repeats // 2))
     frames = len(table.path)
@@ -242,8 +276,15 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
 
 def bench_input(args):
     from upm_jax.benchmark import input as input_bench  # noqa: PLC0415
-    result = input_bench.decode_resize_throughput()
-    return [dict(row_base("uint8", 1), section="input", **result)]
+    records = input_bench.decode_resize_throughput(image_size=args.image_size,
+                                                   min_seconds=args.input_seconds)
+    pipeline = input_bench.pipeline_throughput(
+        ids=args.input_ids, image_size=args.image_size, batch=args.input_batch,
+        worker_counts=[int(w) for w in args.input_workers.split(",")],
+        min_seconds=args.input_seconds, folder=args.input_dir or None)
+    records += pipeline + input_bench.config_needs(pipeline)
+    return [dict(row_base("uint8", r.get("batch", 1)), section="input", cpu_cores=os.cpu_count(),
+                 **{k: v for k, v in r.items() if k != "batch"}) for r in records]
 
 
 def bench_evaluate(args):
@@ -303,18 +344,59 @@ def parse_args(argv):
     parser.add_argument("--extract-ids", type=int, default=40,
                         help="synthetic PRID-layout ids for the host extraction figure")
     parser.add_argument("--extract-batch", type=int, default=512)
+    parser.add_argument("--input-ids", type=int, default=20,
+                        help="input section: synthetic PRID-layout ids the pipeline reads")
+    parser.add_argument("--input-workers", default="0,1,2",
+                        help="input section: grain worker counts to measure")
+    parser.add_argument("--input-batch", type=int, default=64)
+    parser.add_argument("--input-seconds", type=float, default=3.0,
+                        help="input section: seconds each rate is measured over")
+    parser.add_argument("--input-dir", default="",
+                        help="input section: folder for its frames and prepared set "
+                             "(default: the system's temporary folder)")
     parser.add_argument("--rerank", action="store_true", help="also time re-ranking")
     parser.add_argument("--memory-workdir", default="",
                         help="memory section: a folder for its frames and features files")
     parser.add_argument("--memory-frames", type=int, default=681089,
                         help="memory section: test frames (MARS has 681,089)")
+    parser.add_argument("--targets", default="v5e:1x1,v5e:2x2,v4:2x2x1,h100",
+                        help="compile section: targets (benchmark/compile.py TARGETS)")
+    parser.add_argument("--precisions", default="",
+                        help="compile section: comma list of model.matmul_precision values "
+                        "(default: the config's)")
+    parser.add_argument("--compile-steps", default="train,extract",
+                        help="compile section: which of the config's steps to compile")
+    parser.add_argument("--train-set", default="",
+                        help="compile section: FRAMES:T1,T2,... training frames and tracklets "
+                        "per camera, for a dataset upm_jax ships no protocol file of")
     parser.add_argument("--out", default="benchmark.json")
     return parser.parse_args(argv)
+
+
+def bench_compile(args):
+    from upm_jax.benchmark import compile as compile_bench  # noqa: PLC0415
+    if not args.config:
+        raise SystemExit("error: --sections compile needs --config (the experiment whose "
+                         "steps are compiled)")
+    config = config_lib.load_config_file(args.config)
+    name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
+    rows = []
+    for row in compile_bench.compile_rows(
+            config, config_name=name, targets=args.targets.split(","),
+            dtypes=args.dtypes.split(","),
+            precisions=[p for p in args.precisions.split(",") if p],
+            train_set=args.train_set, steps=args.compile_steps.split(",")):
+        print(compile_bench.format_row(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
     sections = args.sections.split(",")
+    if sections == ["compile"] and not os.environ.get("JAX_PLATFORMS"):
+        # compiles only: the host's own accelerator plugins need not start
+        jax.config.update("jax_platforms", "cpu")
     mesh = parallel.make_mesh()
     rows = []
 
@@ -345,6 +427,8 @@ def main(argv=None):
         emit(bench_evaluate(args))
     if "memory" in sections:
         emit(bench_memory(args))
+    if "compile" in sections:
+        rows.extend(bench_compile(args))
     atomic_write(args.out, lambda f: json.dump(rows, f, indent=2), mode="w")
     print(f"wrote {args.out} ({len(rows)} rows)")
 

@@ -61,7 +61,8 @@ def _dataset(workdir, frames):
     table = FrameTable(path=np.array(files)[np.arange(frames) % IMAGES], tracklet=tracklet,
                        frame=frame, tracklet_camera=cams, tracklet_pid=proto["pid"],
                        tracklet_index=index, num_cameras=int(cams.max()) + 1)
-    return types.SimpleNamespace(test=table, query=proto["query"], gallery=proto["gallery"])
+    return types.SimpleNamespace(test=table, query=proto["query"], gallery=proto["gallery"],
+                                 directions="one")
 
 
 def _stand_in(parts, dim):
@@ -83,6 +84,7 @@ def stage_extract(workdir, frames, parts, dims, dtype, batch):
     import jax
     import jax.numpy as jnp
     from upm_jax import extract, parallel
+    from upm_jax.data.pipeline import RawFrames
     dataset = _dataset(workdir, frames)
     mesh = parallel.make_mesh()
     t0 = time.perf_counter()
@@ -90,7 +92,8 @@ def stage_extract(workdir, frames, parts, dims, dtype, batch):
         model = _stand_in(parts, dim)
         variables = model.init(jax.random.PRNGKey(i), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE // 2, 3)))
         extract.write_frame_features(model, variables, dataset, os.path.join(workdir, f"{name}.npz"),
-                                     mesh=mesh, batch_size=batch, image_size=IMAGE_SIZE,
+                                     mesh=mesh, batch_size=batch,
+                                     frames=RawFrames(dataset.test.path, IMAGE_SIZE),
                                      pooling="max", dtype=dtype)
     return {"seconds": time.perf_counter() - t0,
             "files_gb": sum(os.path.getsize(os.path.join(workdir, f"{n}.npz"))

@@ -1,9 +1,15 @@
-"""Inspect a dataset folder: what is on disk, then what the chosen protocol selects.
+"""Inspect a dataset folder, or prepare it as a TFDS set of resized frames.
 
   python -m upm_jax.data ROOT --layout prid2011 [--split SPEC] [--split-file F] [--json]
+  python -m upm_jax.data prepare --layout mars --root ROOT --image-size 256 --data-dir DIR
+      [--skip-corrupt] [--threads N]
 
-SPEC is what config.data.splits takes: '3', '1,2,5', 'all', 'random:SEED[:COUNT]'. The
-on-disk report is printed even when no protocol applies; errors exit 2 without a traceback.
+Inspection: what is on disk, then what the chosen protocol selects. SPEC is what
+config.data.splits takes: '3', '1,2,5', 'all', 'random:SEED[:COUNT]'. The on-disk report
+is printed even when no protocol applies. Preparing writes every frame of the release
+folder ROOT, resized for config.data.image_size, under DIR (a local folder or gs://...;
+see upm_jax.data.prepared); a run reads it with config.data.source='prepared' and
+config.data.data_dir=DIR. Errors exit 2 without a traceback.
 """
 import argparse
 import json
@@ -80,7 +86,49 @@ def _text(out: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_main(argv) -> int:
+    """The prepare command: writes the set, prints what it holds and what was skipped."""
+    parser = argparse.ArgumentParser(
+        prog="python -m upm_jax.data prepare",
+        description="Writes every frame of a release folder, resized, as a TFDS set "
+                    "(ArrayRecord) that runs read with config.data.source='prepared'.")
+    parser.add_argument("--layout", required=True, choices=LAYOUTS)
+    parser.add_argument("--root", required=True, help="the release folder, as downloaded")
+    parser.add_argument("--image-size", type=int, required=True,
+                        help="config.data.image_size of the runs that will read the set "
+                             "(frames are stored at image_size x image_size/2)")
+    parser.add_argument("--data-dir", required=True,
+                        help="where the set is written (config.data.data_dir): a local folder "
+                             "or gs://BUCKET/PATH (written locally, then copied; needs gcsfs)")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="leave unreadable frames out (listed in the set) instead of "
+                             "stopping at the first")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="decoding threads (default: CPU cores + 2)")
+    args = parser.parse_args(argv)
+    if args.image_size < 32 or args.image_size % 2:
+        print(f"error: --image-size {args.image_size}: expected an even size of at least 32 "
+              "(config.data.image_size)", file=sys.stderr)
+        return 2
+    from upm_jax.data import prepared  # noqa: PLC0415  (imports TFDS)
+    try:
+        summary = prepared.prepare(args.layout, args.root, args.image_size, args.data_dir,
+                                   skip_corrupt=args.skip_corrupt, threads=args.threads)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"prepared {summary['frames']} frames of {summary['release']} in {summary['path']} "
+          f"({summary['bytes'] / 2**30:.2f} GiB)")
+    print(f"skipped: {len(summary['skipped'])} unreadable frames")
+    for path, reason in summary["skipped"]:
+        print(f"  {path}: {reason}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:
+        return prepare_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m upm_jax.data",
                                      description="Reports what a raw dataset folder holds and "
                                                  "what training will read from it.")

@@ -73,16 +73,22 @@ def _check_image(path: str) -> str | None:
     return None
 
 
-def screen_corrupt(tables: Sequence[FrameTable], num_threads: int | None = None):
-    """Decodes every frame; returns (tables without unreadable frames, [(path, reason)]).
+def screen_corrupt(tables: Sequence[FrameTable], num_threads: int | None = None,
+                   unreadable=None):
+    """Returns (tables without unreadable frames, [(path, reason)]).
 
-    A tracklet whose frames are all unreadable is an error naming it (its anchor would be empty).
+    `unreadable(paths)` gives each path's reason, or None for a readable frame; by default
+    every frame is decoded. A tracklet whose frames are all unreadable is an error naming
+    it (its anchor would be empty).
     """
     threads = num_threads or min(32, (os.cpu_count() or 1) * 2)
     out, skipped = [], []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        if unreadable is None:
+            def unreadable(paths):
+                return list(pool.map(_check_image, paths, chunksize=64))
         for table in tables:
-            reasons = list(pool.map(_check_image, table.path, chunksize=64))
+            reasons = unreadable(table.path)
             bad = np.array([r is not None for r in reasons], bool)
             skipped.extend((p, r) for p, r in zip(table.path[bad], np.asarray(reasons, object)[bad]))
             if not bad.any():

@@ -24,7 +24,7 @@ EXPECTED = ("  ROOT/train/0001/0001/0001_C6_F0099_X30823.jpg ...\n"
             "PPPP_Cc_Ffff_Xxxxxx.jpg or PPPPCcFfffXxxxxx.jpg)")
 
 
-def _read_folder(folder: str) -> list:
+def read_folder(folder: str) -> list:
     """[(camera0, pid, [paths])] of one of train/query/gallery, in protocol order."""
     out = []
     for pdir in common.list_dirs(folder):
@@ -59,9 +59,7 @@ def _read_folder(folder: str) -> list:
 
 def load(root: str) -> ReidDataset:
     """Reads DukeMTMC-VideoReID under its official train/query/gallery protocol."""
-    base = common.resolve_root(root, ("", "DukeMTMC-VideoReID"), ("train", "query", "gallery"),
-                               "dukev", EXPECTED)
-    parts = {p: _read_folder(os.path.join(base, p)) for p in ("train", "query", "gallery")}
+    base, parts = tracklets_on_disk(root)
     num_cameras = max(c for part in parts.values() for c, _, _ in part) + 1
     train = build_table(parts["train"], num_cameras)
     test = build_table(parts["query"] + parts["gallery"], num_cameras)
@@ -72,10 +70,16 @@ def load(root: str) -> ReidDataset:
                        warnings=cameras_without_training(train, "DukeMTMC-VideoReID"))
 
 
-def inventory(root: str) -> dict:
-    """What the train/query/gallery folders hold per camera (the protocol is the folders)."""
+def tracklets_on_disk(root: str) -> tuple:
+    """(base folder, {"train" | "query" | "gallery": [(camera0, pid, [paths])]}): every
+    tracklet on disk in protocol order."""
     base = common.resolve_root(root, ("", "DukeMTMC-VideoReID"), ("train", "query", "gallery"),
                                "dukev", EXPECTED)
-    parts = {p: _read_folder(os.path.join(base, p)) for p in ("train", "query", "gallery")}
+    return base, {p: read_folder(os.path.join(base, p)) for p in ("train", "query", "gallery")}
+
+
+def inventory(root: str) -> dict:
+    """What the train/query/gallery folders hold per camera (the protocol is the folders)."""
+    base, parts = tracklets_on_disk(root)
     return {"layout": "dukev", "root": base,
             "parts": {p: per_camera(t) for p, t in parts.items()}}

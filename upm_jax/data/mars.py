@@ -61,6 +61,11 @@ def _read_mat(info_dir: str, stem: str) -> tuple:
     return np.asarray(arrays[0]).astype(np.int64), path
 
 
+def read_train_info() -> tuple:
+    """(tracks_train_info rows [start, end, pid, camera], its path) as shipped with upm_jax."""
+    return _read_mat(SHIPPED, "tracks_train_info")
+
+
 def _tracklets(info: np.ndarray, info_path: str, names: list, folder: str) -> list:
     if info.ndim != 2 or info.shape[1] != 4 or info.shape[0] == 0:
         raise DatasetError(f"{info_path}: expected a non-empty [T, 4] array "
@@ -126,9 +131,10 @@ def load(root: str) -> ReidDataset:
                        warnings=cameras_without_training(train, "MARS"))
 
 
-def inventory(root: str) -> dict:
-    """What bbox_train/ and bbox_test/ hold per camera, from the frame names alone (no info
-    files needed): a tracklet is one (person, camera, tracklet number)."""
+def tracklets_on_disk(root: str) -> tuple:
+    """(base folder, {"bbox_train" | "bbox_test": [(camera0, pid, [paths])]}): every frame
+    on disk grouped by tracklet (one person, camera and tracklet number) from the frame names
+    alone (no info files needed), tracklets and frames in name order."""
     base = common.resolve_root(root, ("", "MARS"), ("bbox_train", "bbox_test"), "mars", EXPECTED)
     parts = {}
     for folder in ("bbox_train", "bbox_test"):
@@ -141,9 +147,17 @@ def inventory(root: str) -> dict:
                     continue
                 pid = -1 if m.group(1) == "00-1" else int(m.group(1))
                 key = (int(m.group(2)) - 1, pid, int(m.group(3)))
-                tracks.setdefault(key, []).append(name)
+                tracks.setdefault(key, []).append(os.path.join(base, folder, sub, name))
         if bad:
             raise DatasetError(f"{os.path.join(base, folder)}: frame names that do not parse as "
                                f"PPPPCcTttttFfff.jpg: {common.name_list(bad)}")
-        parts[folder] = per_camera([(c, p, f) for (c, p, _), f in sorted(tracks.items())])
-    return {"layout": "mars", "root": base, "parts": parts}
+        parts[folder] = [(c, p, f) for (c, p, _), f in sorted(tracks.items())]
+    return base, parts
+
+
+def inventory(root: str) -> dict:
+    """What bbox_train/ and bbox_test/ hold per camera, from the frame names alone (no info
+    files needed): a tracklet is one (person, camera, tracklet number)."""
+    base, parts = tracklets_on_disk(root)
+    return {"layout": "mars", "root": base,
+            "parts": {p: per_camera(t) for p, t in parts.items()}}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from upm_jax.data import common, dukev, ilidsvid, mars, person_splits, prid2011, twocam
 from upm_jax.data.table import DatasetError, ReidDataset
 
@@ -18,6 +20,10 @@ class SplitPlan:
     numbers: list      # 1-based split numbers, in run order
     protocol: str
     available: list    # every split number the source has
+    # split number -> its training frames on disk (two-camera layouts; empty for the
+    # single-protocol ones): a run pads its resident frames to the largest, so its splits
+    # share one compiled training step
+    train_frames: dict = dataclasses.field(default_factory=dict)
 
 
 def _check_layout(layout: str) -> None:
@@ -53,8 +59,9 @@ def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = 
     spec = person_splits.parse_spec(splits, field)
     inventory = twocam.scan(_TWOCAM[layout], root)
     source = twocam.choose_source(_TWOCAM[layout], inventory, root, spec, split_file or None)
-    return SplitPlan(person_splits.select(source, spec, str(splits), field), source.protocol,
-                     source.numbers)
+    numbers = person_splits.select(source, spec, str(splits), field)
+    return SplitPlan(numbers, source.protocol, source.numbers,
+                     {n: twocam.train_frames(inventory, source, n) for n in numbers})
 
 
 def check_split_spec(splits, field: str = "splits") -> None:
@@ -63,14 +70,16 @@ def check_split_spec(splits, field: str = "splits") -> None:
 
 
 def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | None = None,
-                 splits="1", skip_corrupt: bool = False) -> ReidDataset:
+                 splits="1", skip_corrupt: bool = False, unreadable=None) -> ReidDataset:
     """Reads a raw benchmark folder into train/test frame tables under its protocol.
 
     PRID2011/iLIDS-VID take the 1-based `split` of the source that `splits` and `split_file`
     resolve to (see `resolve_splits`; only a 'random:SEED' spec changes the source, numbers
     in it are not needed here). MARS and DukeMTMC-VideoReID have one protocol. With
-    `skip_corrupt`, every frame is decoded once and unreadable ones are dropped and listed in
-    `ds.skipped`; otherwise an unreadable frame fails when the pipeline decodes it.
+    `skip_corrupt`, unreadable frames are dropped and listed in `ds.skipped`: those for which
+    `unreadable(paths)` gives a reason (a prepared set's record of the frames it skipped),
+    by default every frame decoded once; otherwise an unreadable frame fails when the
+    pipeline reads it.
     """
     _check_layout(layout)
     if layout in SPLIT_LAYOUTS:
@@ -81,7 +90,8 @@ def load_dataset(layout: str, root: str, *, split: int = 1, split_file: str | No
             raise DatasetError(f"{layout}: has a single protocol; split must be 1, got {split}")
         ds = (mars if layout == "mars" else dukev).load(root)
     if skip_corrupt:
-        (train, test), skipped = common.screen_corrupt([ds.train, ds.test])
+        (train, test), skipped = common.screen_corrupt([ds.train, ds.test],
+                                                       unreadable=unreadable)
         ds = dataclasses.replace(ds, train=train, test=test, skipped=skipped)
     return ds
 
@@ -92,3 +102,38 @@ def inspect_disk(layout: str, root: str) -> dict:
     if layout in SPLIT_LAYOUTS:
         return twocam.scan(_TWOCAM[layout], root).summary()
     return (mars if layout == "mars" else dukev).inventory(root)
+
+
+def tracklets_on_disk(layout: str, root: str) -> tuple:
+    """(base folder, {part: [(camera0, pid, [paths in frame order])]}): every frame of the
+    release folder, whatever protocol applies; parts are the release's own folders
+    (MARS bbox_train/bbox_test, DukeMTMC-VideoReID train/query/gallery; "all" for the
+    two-camera sets, whose splits are person lists)."""
+    _check_layout(layout)
+    if layout in SPLIT_LAYOUTS:
+        return twocam.tracklets_on_disk(_TWOCAM[layout], root)
+    return (mars if layout == "mars" else dukev).tracklets_on_disk(root)
+
+
+def protocol_training_sets(layout: str, splits="1") -> list:
+    """(training frames, tracklets per camera) of each split of `splits` under the protocol
+    files shipped with upm_jax, without the dataset (the shapes of an ahead-of-time compile).
+    PRID2011 / iLIDS-VID: the official split lists and their frame counts; MARS:
+    tracks_train_info.mat. DukeMTMC-VideoReID ships no such file: DatasetError."""
+    _check_layout(layout)
+    if layout in SPLIT_LAYOUTS:
+        source = person_splits.read_split_file(_TWOCAM[layout].default_split_file)
+        spec = person_splits.parse_spec(splits)
+        if spec.is_random:
+            raise DatasetError(f"splits={splits!r}: random splits depend on the folder on disk; "
+                               "the shipped protocol has numbered splits only")
+        chosen = [source.get(n) for n in (spec.numbers or source.numbers)]
+        return [(sum(s.frames["train"].values()), (len(s.train), len(s.train))) for s in chosen]
+    if layout == "mars":
+        _single_protocol(layout, splits, None)
+        info, _ = mars.read_train_info()
+        cameras = info[:, 3] - 1   # rows [start, end, pid, camera], 1-based
+        return [(int(np.sum(info[:, 1] - info[:, 0] + 1)),
+                 tuple(int(n) for n in np.bincount(cameras)))]
+    raise DatasetError(f"{layout}: upm_jax ships no protocol file with its training set; "
+                       "read it from the dataset folder instead")

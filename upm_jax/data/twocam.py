@@ -96,6 +96,16 @@ def scan(layout: TwoCamLayout, root: str) -> Inventory:
     return Inventory(layout, base, tuple(frames))
 
 
+def tracklets_on_disk(layout: TwoCamLayout, root: str) -> tuple:
+    """(base folder, {"all": [(camera0, pid, [paths])]}): every person folder of both
+    cameras (one tracklet each), cameras in order, persons sorted."""
+    inventory = scan(layout, root)
+    pattern = re.compile(layout.person_re)
+    return inventory.base, {"all": [
+        (cam, int(pattern.fullmatch(person).group(1)), frames[person])
+        for cam, frames in enumerate(inventory.frames) for person in sorted(frames)]}
+
+
 def _person_frames(layout: TwoCamLayout, cam_dir: str, cam_name: str, person: str) -> list:
     folder = os.path.join(cam_dir, person)
     names = common.list_images(folder)
@@ -211,6 +221,12 @@ def build(layout: TwoCamLayout, inventory: Inventory, source: SplitSource,
                        test=table("test"), query=np.arange(n_test),
                        gallery=np.arange(n_test, 2 * n_test), num_cameras=2, split=int(number),
                        protocol=source.protocol, directions=layout.directions)
+
+
+def train_frames(inventory: Inventory, source: SplitSource, number: int) -> int:
+    """Frames on disk of the training persons of split `number` (both cameras)."""
+    return sum(len(frames.get(p, ())) for p in source.get(int(number)).train
+               for frames in inventory.frames)
 
 
 def read(layout: TwoCamLayout, root: str, split: int, split_file: str | None,

@@ -2,6 +2,7 @@
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -11,6 +12,11 @@ from upm_jax.models.layers import CONV_IMPLS
 
 HEADS = ("dal", "local", "global")
 COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16)
+# Precision of the model's matrix products and convolutions (jax.default_matmul_precision):
+# 'highest' computes float32 as float32 everywhere; 'default' lets TPUs use one bfloat16
+# pass and GPUs TensorFloat-32; 'high' three bfloat16 passes on TPUs (TensorFloat-32 on
+# GPUs). XLA:CPU computes float32 in every case.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 class BackboneSpec(NamedTuple):
@@ -65,6 +71,7 @@ class ReidModel(nn.Module):
     train_relation: bool = False
     bn_decay: Optional[float] = None  # None: the backbone's slim value (0.9997 / 0.997)
     conv_impl: str = "auto"   # layers.CONV_IMPLS: per platform, or XLA's convolution everywhere
+    matmul_precision: str = "highest"   # MATMUL_PRECISIONS
 
     @property
     def frozen_scopes(self) -> Tuple[Tuple[str, ...], ...]:
@@ -89,27 +96,29 @@ class ReidModel(nn.Module):
     def __call__(self, images, train: bool = False, return_endpoints: bool = False):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3] (NHWC, RGB), got shape {images.shape}")
-        spec = BACKBONES[self.backbone_name]
-        bn_decay = spec.bn_decay if self.bn_decay is None else self.bn_decay
-        fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, bn_decay, self.conv_impl,
-                                    "backbone")(images, train)
-        if self.head_name == "dal":
-            head = DALHead(spec.dal_pooling, name="head")
-        elif self.head_name == "local":
-            head = LocalHead(self.n_part, name="head")
-        else:
-            head = GlobalHead(self.n_part, spec.kernel_init(), bn_decay, spec.bn_epsilon,
-                              self.train_relation, self.dtype, self.conv_impl, name="head")
-        feats = head(fmap, train).astype(jnp.float32)  # [B, P, D]
-        if return_endpoints:
-            return feats, {k: v.astype(jnp.float32) for k, v in endpoints.items()}
-        return feats
+        # every product and convolution of the model is traced at this precision
+        with jax.default_matmul_precision(self.matmul_precision):
+            spec = BACKBONES[self.backbone_name]
+            bn_decay = spec.bn_decay if self.bn_decay is None else self.bn_decay
+            fmap, endpoints = spec.make(self.depth_multiplier, self.dtype, bn_decay,
+                                        self.conv_impl, "backbone")(images, train)
+            if self.head_name == "dal":
+                head = DALHead(spec.dal_pooling, name="head")
+            elif self.head_name == "local":
+                head = LocalHead(self.n_part, name="head")
+            else:
+                head = GlobalHead(self.n_part, spec.kernel_init(), bn_decay, spec.bn_epsilon,
+                                  self.train_relation, self.dtype, self.conv_impl, name="head")
+            feats = head(fmap, train).astype(jnp.float32)  # [B, P, D]
+            if return_endpoints:
+                return feats, {k: v.astype(jnp.float32) for k, v in endpoints.items()}
+            return feats
 
 
 def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: int = 8,
                 depth_multiplier: float = 1.0, dtype=jnp.float32,
                 train_relation: bool = False, bn_decay: Optional[float] = None,
-                conv_impl: str = "auto") -> ReidModel:
+                conv_impl: str = "auto", matmul_precision: str = "highest") -> ReidModel:
     """Validate the settings and build the model (see ``ReidModel``).
 
     backbone: 'mobilenet_v1' | 'resnet_v1_50'; head: 'dal' (P = 1) | 'local' (LAM) | 'global'
@@ -119,7 +128,8 @@ def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: in
     bn_decay: BatchNorm moving-average decay, None for the backbone's slim value (short runs
     such as the CPU demo need a faster one for the moving statistics to converge);
     conv_impl: 'auto' (the convolution formulation chosen per platform when compiled) or
-    'xla' (XLA's convolution everywhere; see ``upm_jax.models.layers``).
+    'xla' (XLA's convolution everywhere; see ``upm_jax.models.layers``);
+    matmul_precision: one of MATMUL_PRECISIONS (above), for float32 products on GPU and TPU.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
@@ -138,6 +148,9 @@ def build_model(backbone: str = "mobilenet_v1", head: str = "dal", *, n_part: in
         raise ValueError(f"bn_decay must lie in [0, 1), got {bn_decay!r}")
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
+                         f"{matmul_precision!r}")
     return ReidModel(backbone, head, int(n_part), float(depth_multiplier), jnp.dtype(dtype),
                      bool(train_relation), None if bn_decay is None else float(bn_decay),
-                     conv_impl)
+                     conv_impl, matmul_precision)

@@ -6,20 +6,25 @@ TF1 ``RMSPropOptimizer(lr, decay=0.9, momentum=0.9, epsilon=1.0)`` updates
     mom = momentum * mom + lr_t * g / sqrt(ms + eps)  (eps inside the square root)
     var = var - mom
 
-with the learning rate inside the momentum accumulator. ``optax.rmsprop`` is exactly this
-chain (scale_by_rms -> scale_by_learning_rate -> trace) when given ``initial_scale=1``,
-``eps_in_sqrt=True`` and ``momentum``, so it is used as is. Its schedule is read at the
-count of updates already made, like TF's ``global_step`` before the increment.
+with the learning rate inside the momentum accumulator. That is ``optax.rmsprop``'s chain
+(scale_by_rms -> rate -> trace) with ``initial_scale=1``, ``eps_in_sqrt=True`` and
+``momentum``; the rate is read at the count of updates already made, like TF's
+``global_step`` before the increment.
 
 TF1 ``MomentumOptimizer(use_nesterov=True)``: accum = m * accum + g;
-var -= lr_t * (g + m * accum), which is ``optax.sgd(..., nesterov=True)``.
+var -= lr_t * (g + m * accum), which is ``optax.sgd(..., nesterov=True)``'s chain.
+
+The rates are not baked into the optimizer: they come from a ``Schedule`` of traced values
+given to every update, so one compiled training step serves runs of any length and size.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("rmsprop", "sgd")
@@ -27,37 +32,45 @@ RMSPROP_DECAY = 0.9
 RMSPROP_MOMENTUM = 0.9
 RMSPROP_EPSILON = 1.0
 SGD_MOMENTUM = 0.9
+# rmsprop has no second rate: its boundary is a step no run reaches.
+_NO_BOUNDARY = np.iinfo(np.int32).max
 
 
-def tf1_rmsprop(learning_rate, *, decay: float = RMSPROP_DECAY, momentum: float = RMSPROP_MOMENTUM,
-                epsilon: float = RMSPROP_EPSILON) -> optax.GradientTransformation:
-    """TF1 RMSProp (see the module docstring); learning_rate is a float or a schedule."""
-    return optax.rmsprop(learning_rate, decay=decay, eps=epsilon, initial_scale=1.0,
-                         eps_in_sqrt=True, centered=False, momentum=momentum, nesterov=False)
+@flax.struct.dataclass
+class Schedule:
+    """One training run's schedule as values the jitted step traces (scalar arrays), not
+    constants compiled into it: every split of a benchmark, whatever its frame count, runs
+    the one compiled step, and a leading split axis can be vmapped.
+
+    The rate at step t is ``(learning_rate if t <= boundary else learning_rate_2) *
+    decay_rate ** floor(t / decay_steps)``: rmsprop's staircase decay has no boundary, sgd's
+    two pieces no decay (decay_rate 1). Cross-camera association is on from ``cross_start``.
+    """
+
+    learning_rate: jax.Array    # float32 []
+    learning_rate_2: jax.Array  # float32 []: the rate after `boundary`
+    boundary: jax.Array         # int32 []: the last step at learning_rate
+    decay_rate: jax.Array       # float32 []: staircase factor ...
+    decay_steps: jax.Array      # int32 []: ... every this many steps
+    cross_start: jax.Array      # int32 []: the first step of cross-camera association
 
 
-def staircase_decay(learning_rate: float, *, decay_steps: int, decay_rate: float) -> optax.Schedule:
-    """lr * decay_rate ** floor(step / decay_steps), as tf.train.exponential_decay(staircase=True)."""
-    return optax.exponential_decay(learning_rate, transition_steps=decay_steps,
-                                   decay_rate=decay_rate, staircase=True)
+def learning_rate_at(schedule: Schedule, step) -> jax.Array:
+    """The rate of update `step` (0-based count of updates already made): float32 []."""
+    step = jnp.asarray(step, jnp.int32)
+    rate = jnp.where(step <= schedule.boundary, schedule.learning_rate, schedule.learning_rate_2)
+    return rate * jnp.power(schedule.decay_rate, jnp.floor(step / schedule.decay_steps))
 
 
-def two_piece_constant(first: float, second: float, *, boundary: int) -> optax.Schedule:
-    """``first`` while step <= boundary, then ``second`` (tf.train.piecewise_constant's rule)."""
-    def schedule(step):
-        return jnp.where(jnp.asarray(step) <= boundary, jnp.float32(first), jnp.float32(second))
-    return schedule
+def make_schedule(name: str, *, learning_rate: float, steps_per_epoch: float, total_steps: int,
+                  decay_rate: float = 0.94, decay_epochs: float = 2.0,
+                  learning_rate_2: float = 0.0, cross_start: int = 0) -> Schedule:
+    """The originals' schedule of optimizer `name`, as host scalars (see ``Schedule``).
 
-
-def make_optimizer(name: str, *, learning_rate: float, steps_per_epoch: float, total_steps: int,
-                   decay_rate: float = 0.94, decay_epochs: float = 2.0,
-                   learning_rate_2: float = 0.0) -> Tuple[optax.GradientTransformation, optax.Schedule]:
-    """(tx, schedule) as the originals.
-
-    'rmsprop': TF1 RMSProp with lr decayed x decay_rate every int(steps_per_epoch *
-    decay_epochs) steps (staircase). 'sgd': Nesterov momentum 0.9 with learning_rate up to
-    and including step total_steps // 2, then learning_rate_2. steps_per_epoch is
-    num_frames / batch as a float. Clipping and weight decay live in the train step.
+    'rmsprop': learning_rate decayed x decay_rate every int(steps_per_epoch * decay_epochs)
+    steps (staircase, as tf.train.exponential_decay). 'sgd': learning_rate up to and
+    including step total_steps // 2, then learning_rate_2 (tf.train.piecewise_constant).
+    steps_per_epoch is num_frames / batch as a float.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name {name!r} is not one of {OPTIMIZERS}")
@@ -70,13 +83,53 @@ def make_optimizer(name: str, *, learning_rate: float, steps_per_epoch: float, t
         if decay_steps < 1:
             raise ValueError(f"the learning-rate decay interval int(steps_per_epoch * decay_epochs) = "
                              f"int({steps_per_epoch!r} * {decay_epochs!r}) must be >= 1 step")
-        schedule = staircase_decay(learning_rate, decay_steps=decay_steps, decay_rate=decay_rate)
-        return tf1_rmsprop(schedule), schedule
-    if not learning_rate_2 > 0:
-        raise ValueError(f"sgd needs learning_rate_2 > 0 (the rate after step {int(total_steps) // 2}), "
-                         f"got {learning_rate_2!r}")
-    schedule = two_piece_constant(learning_rate, learning_rate_2, boundary=int(total_steps) // 2)
-    return optax.sgd(schedule, momentum=SGD_MOMENTUM, nesterov=True), schedule
+        second, boundary = learning_rate, _NO_BOUNDARY
+    else:
+        if not learning_rate_2 > 0:
+            raise ValueError(f"sgd needs learning_rate_2 > 0 (the rate after step "
+                             f"{int(total_steps) // 2}), got {learning_rate_2!r}")
+        second, boundary, decay_rate, decay_steps = learning_rate_2, int(total_steps) // 2, 1.0, 1
+    return Schedule(learning_rate=np.float32(learning_rate), learning_rate_2=np.float32(second),
+                    boundary=np.int32(boundary), decay_rate=np.float32(decay_rate),
+                    decay_steps=np.int32(decay_steps), cross_start=np.int32(cross_start))
+
+
+def scale_by_scheduled_rate() -> optax.GradientTransformationExtraArgs:
+    """-learning_rate_at(schedule, count) * updates, with the ``Schedule`` given to each update
+    as the extra argument ``schedule=`` (optax.scale_by_learning_rate with a traced schedule;
+    the same state, so checkpoints keep their layout)."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, schedule: Schedule, **extra_args):
+        del params, extra_args
+        step_size = -learning_rate_at(schedule, state.count)
+        updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(name: str) -> optax.GradientTransformationExtraArgs:
+    """The originals' optimizer `name`; its rate comes from the ``Schedule`` passed to
+    ``tx.update(grads, opt_state, params, schedule=...)``.
+
+    'rmsprop': TF1 RMSProp (module docstring): optax.rmsprop's chain (scale_by_rms with
+    initial_scale 1 and eps in the square root -> rate -> trace with momentum 0.9).
+    'sgd': Nesterov momentum 0.9 (optax.sgd's chain). Clipping and weight decay live in the
+    train step.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name {name!r} is not one of {OPTIMIZERS}")
+    if name == "rmsprop":
+        return optax.chain(
+            optax.scale_by_rms(decay=RMSPROP_DECAY, eps=RMSPROP_EPSILON, initial_scale=1.0,
+                               eps_in_sqrt=True, bias_correction=False),
+            scale_by_scheduled_rate(),
+            optax.trace(decay=RMSPROP_MOMENTUM, nesterov=False))
+    return optax.chain(optax.trace(decay=SGD_MOMENTUM, nesterov=True), scale_by_scheduled_rate())
 
 
 def _path_names(path) -> Tuple[str, ...]:

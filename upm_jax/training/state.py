@@ -91,6 +91,22 @@ def abstract_variables(model, *, image_shape, mesh):
                         shapes)
 
 
+def _state_builder(tx, frozen_scopes):
+    """(variables, memory) -> the initial TrainState (traced by create_train_state and, for
+    shapes only, by abstract_train_state)."""
+
+    def build(variables, memory):
+        params, frozen = split_frozen(variables["params"], frozen_scopes)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, frozen_params=frozen,
+            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+            # a real copy: the step donates the state, and one buffer cannot be donated twice
+            ema_params=jax.tree.map(lambda p: p + jnp.zeros_like(p), params),
+            memory=memory)
+
+    return build
+
+
 def create_train_state(model, rng, *, image_shape, tx, memory: AnchorMemory, mesh,
                        pretrained=None, frozen_scopes=None) -> TrainState:
     """Initial TrainState, replicated on ``mesh``.
@@ -106,18 +122,21 @@ def create_train_state(model, rng, *, image_shape, tx, memory: AnchorMemory, mes
     if rng.dtype != jnp.uint32 or rng.shape != (2,):
         raise ValueError(f"create_train_state: rng must be a raw key (jax.random.PRNGKey), uint32 [2]; "
                          f"got {rng.dtype} {rng.shape}")
-
-    def build(variables, memory):
-        params, frozen = split_frozen(variables["params"], frozen_scopes)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, frozen_params=frozen,
-            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-            # a real copy: the step donates the state, and one buffer cannot be donated twice
-            ema_params=jax.tree.map(lambda p: p + jnp.zeros_like(p), params),
-            memory=memory)
-
+    build = _state_builder(tx, frozen_scopes)
     variables = init_variables(model, rng, image_shape=image_shape, mesh=mesh,
                                pretrained=pretrained)
     abstract_state = jax.eval_shape(build, variables, memory)
     out_shardings = jax.tree.map(lambda _: replicated, abstract_state)
     return jax.jit(build, out_shardings=out_shardings)(variables, memory)
+
+
+def abstract_train_state(model, *, image_shape, tx, memory, mesh, frozen_scopes=None) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of ``create_train_state``'s result, computing
+    and allocating nothing (the state of an ahead-of-time compile for another platform's
+    mesh). ``memory``: an AnchorMemory of arrays or of jax.ShapeDtypeStructs."""
+    frozen_scopes = tuple(model.frozen_scopes if frozen_scopes is None else frozen_scopes)
+    replicated = parallel.replicated(mesh)
+    variables = abstract_variables(model, image_shape=image_shape, mesh=mesh)
+    shapes = jax.eval_shape(_state_builder(tx, frozen_scopes), variables, memory)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        shapes)

@@ -8,6 +8,7 @@ the association, so the result does not depend on the device count.
 """
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,36 +44,51 @@ def _check_partition(state: TrainState, frozen_scopes) -> None:
                          f"frozen_scopes")
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, margin: float = 0.5,
-                    eta: float = 0.5, weight_decay: float = 4e-5, clip: float = 2.0,
-                    ema_decay: float = 0.9999, cross_start_step: int, frozen_scopes):
-    """The jitted train step: ``step_fn(state, batch)`` or ``step_fn(state, batch, dataset)``.
+def make_train_step(model, optimizer: str, *, mesh, margin: float = 0.5, eta: float = 0.5,
+                    weight_decay: float = 4e-5, clip: float = 2.0, ema_decay: float = 0.9999,
+                    frozen_scopes):
+    """The jitted train step: ``step_fn(state, schedule, batch)`` or
+    ``step_fn(state, schedule, batch, dataset)``.
 
     Host form: batch = {"image": uint8 [B, H, W, 3], "track": int32 [B], "camera": int32 [B]}
     sharded on "data". Resident form: batch = {"index": int32 [B]} sharded on "data" and
     dataset = {"image": uint8 [N, H, W, 3], "track", "camera": int32 [N]} replicated; the
-    rows are gathered inside the step. Returns (new state, metrics) with metrics a flat dict
-    of float32 scalars: loss, association_loss, weight_decay, lr, cross_consistent,
+    rows are gathered inside the step. ``schedule``: the run's ``optim.Schedule`` (learning
+    rates, decay, boundary and the cross-association start, all traced: runs that differ only
+    in them share one compiled step). Returns (new state, metrics) with metrics a flat dict of
+    float32 scalars: loss, association_loss, weight_decay, lr, cross_consistent,
     negative_fallback, grad_norm (before clipping). The input state is donated.
 
-    cross association is on when state.step >= cross_start_step (traced, no recompiles).
-    The EMA uses t = state.step (updates made before this one) and the params *before* this
-    step's update, as the original graph does: its EMA op reads the variables at the start of
-    the session run, before apply_gradients writes them (tools/compare_tf1.py measures this).
-    Weight decay covers the conv kernels of trained and frozen params (frozen ones add a
-    constant, as the original's regularisation loss did; only trained ones get gradient).
+    The step is built once per distinct set of arguments (model, optimizer name, mesh and
+    the constants), so every trainer with equal settings calls the same jitted function and
+    XLA compiles it once per input shape. Cross association is on when state.step >=
+    schedule.cross_start. The EMA uses t = state.step (updates made before this one) and
+    the params *before* this step's update, as the original graph does: its EMA op reads the
+    variables at the start of the session run, before apply_gradients writes them
+    (tools/compare_tf1.py measures this). Weight decay covers the conv kernels of trained
+    and frozen params (frozen ones add a constant, as the original's regularisation loss
+    did; only trained ones get gradient). ``step_fn.train(state, schedule, image, track,
+    camera)`` is the step's body before jit (for transformations such as a vmap over runs).
     """
-    frozen_scopes = tuple(tuple(s) for s in frozen_scopes)
+    return _make_train_step(model, optimizer, mesh, float(margin), float(eta),
+                            float(weight_decay), float(clip), float(ema_decay),
+                            tuple(tuple(s) for s in frozen_scopes))
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(model, optimizer, mesh, margin, eta, weight_decay, clip, ema_decay,
+                     frozen_scopes):
+    tx = optim.make_optimizer(optimizer)
     replicated = parallel.replicated(mesh)
     data = parallel.batch_sharding(mesh)
     num_devices = mesh.devices.size
 
-    def train(state: TrainState, image, track, camera):
+    def train(state: TrainState, schedule: optim.Schedule, image, track, camera):
         _check_partition(state, frozen_scopes)
         images = image.astype(jnp.float32) / 127.5 - 1.0  # [B, H, W, 3]
         track = jax.lax.with_sharding_constraint(track.astype(jnp.int32), replicated)
         camera = jax.lax.with_sharding_constraint(camera.astype(jnp.int32), replicated)
-        cross_on = state.step >= cross_start_step
+        cross_on = state.step >= schedule.cross_start
         frozen_decay = optim.l2_weight_decay(state.frozen_params, weight_decay)  # constant
 
         def loss_fn(params):
@@ -89,7 +105,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
             loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g: jnp.clip(g, -clip, clip), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, schedule=schedule)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
@@ -97,21 +113,22 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
             ema_params=optim.ema_update(state.ema_params, state.params, state.step, ema_decay),
             memory=memory)
         metrics = {"loss": loss, "association_loss": assoc, "weight_decay": decay,
-                   "lr": jnp.asarray(schedule(state.step), jnp.float32),
+                   "lr": optim.learning_rate_at(schedule, state.step),
                    "cross_consistent": aux["cross_consistent"],
                    "negative_fallback": aux["negative_fallback"], "grad_norm": grad_norm}
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
-    def host_step(state, image, track, camera):
-        return train(state, image, track, camera)
+    def train_step(state, schedule, image, track, camera):
+        return train(state, schedule, image, track, camera)
 
-    def resident_step(state, index, dataset):
+    def resident_train_step(state, schedule, index, dataset):
         index = index.astype(jnp.int32)
-        return train(state, dataset["image"][index], dataset["track"][index], dataset["camera"][index])
+        return train(state, schedule, dataset["image"][index], dataset["track"][index],
+                     dataset["camera"][index])
 
-    host_jit = jax.jit(host_step, in_shardings=(replicated, data, data, data),
+    host_jit = jax.jit(train_step, in_shardings=(replicated, replicated, data, data, data),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
-    resident_jit = jax.jit(resident_step, in_shardings=(replicated, data, replicated),
+    resident_jit = jax.jit(resident_train_step, in_shardings=(replicated, replicated, data, replicated),
                            out_shardings=(replicated, replicated), donate_argnums=(0,))
 
     def check_batch(size, where):
@@ -119,7 +136,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
             raise ValueError(f"train step: {where} has a global batch of {size}, which is not divisible "
                              f"by the {num_devices} devices of the mesh")
 
-    def step_fn(state: TrainState, batch, dataset=None):
+    def step_fn(state: TrainState, schedule: optim.Schedule, batch, dataset=None):
+        if not isinstance(schedule, optim.Schedule):
+            raise TypeError(f"train step: the second argument must be the run's optim.Schedule, "
+                            f"got {type(schedule).__name__}")
         if dataset is None:
             missing = [k for k in BATCH_KEYS if k not in batch]
             if missing:
@@ -130,7 +150,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
                 raise ValueError(f"train step: batch['image'] must be uint8 [B, H, W, 3], "
                                  f"got {image.dtype} {tuple(image.shape)}")
             check_batch(image.shape[0], "batch['image']")
-            return host_jit(state, image, batch["track"], batch["camera"])
+            return host_jit(state, schedule, image, batch["track"], batch["camera"])
         if "index" not in batch:
             raise ValueError(f"train step with a resident dataset needs batch['index']; got {sorted(batch)}")
         missing = [k for k in BATCH_KEYS if k not in dataset]
@@ -139,13 +159,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, mesh, 
         if dataset["image"].dtype != jnp.uint8:
             raise ValueError(f"train step: dataset['image'] must be uint8, got {dataset['image'].dtype}")
         check_batch(batch["index"].shape[0], "batch['index']")
-        return resident_jit(state, batch["index"], {k: dataset[k] for k in BATCH_KEYS})
+        return resident_jit(state, schedule, batch["index"], {k: dataset[k] for k in BATCH_KEYS})
 
-    def lower(state: TrainState, batch, dataset=None):
-        """The lowered XLA computation of one step (for cost analysis and compilation)."""
+    def lower(state: TrainState, schedule: optim.Schedule, batch, dataset=None):
+        """The lowered XLA computation of one step (for cost analysis and compilation); the
+        arguments may be jax.ShapeDtypeStructs carrying shardings (ahead-of-time compiles)."""
         if dataset is None:
-            return host_jit.lower(state, batch["image"], batch["track"], batch["camera"])
-        return resident_jit.lower(state, batch["index"], {k: dataset[k] for k in BATCH_KEYS})
+            return host_jit.lower(state, schedule, batch["image"], batch["track"], batch["camera"])
+        return resident_jit.lower(state, schedule, batch["index"],
+                                  {k: dataset[k] for k in BATCH_KEYS})
 
     step_fn.lower = lower
+    step_fn.train = train
     return step_fn

@@ -5,9 +5,11 @@ it is trained: resume, the loop, checkpoints, the divergence guard.
 tests all train with exactly the config's hyper-parameters through it.
 """
 import collections
+import functools
 import math
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,54 +46,106 @@ def schedule_lengths(config, num_frames):
     return per_epoch, int(cross_start)
 
 
+def train_schedule(config, num_frames):
+    """The run's ``optim.Schedule`` (host scalars): the config's rates, and the decay
+    interval, boundary and cross-association start that follow from its training set size."""
+    steps_per_epoch, cross_start = schedule_lengths(config, num_frames)
+    return optim.make_schedule(
+        config.train.optimizer, learning_rate=config.train.learning_rate,
+        learning_rate_2=config.train.learning_rate_2, steps_per_epoch=steps_per_epoch,
+        total_steps=config.train.steps, decay_rate=config.train.lr_decay_rate,
+        decay_epochs=config.train.lr_decay_epochs, cross_start=cross_start)
+
+
+class TrainSetShape(NamedTuple):
+    """What a trainer's shapes and schedule take from a training table (a FrameTable has
+    both): enough to build a trainer for an ahead-of-time compile without the frames."""
+
+    num_frames: int
+    tracklets_per_camera: tuple
+
+
 class Trainer:
-    """Everything one model's training needs: model, optimizer, state and step.
+    """Everything one model's training needs: model, optimizer, schedule, state and step.
 
     `table` is the training FrameTable (its size sets the schedule, its tracklets the anchor
     memory); nothing is decoded until `load_resident` (resident configs) or `batches`.
+    With `abstract=True` (any `table` with num_frames and tracklets_per_camera, such as a
+    TrainSetShape) nothing is computed or allocated: the state and schedule are
+    jax.ShapeDtypeStructs with their shardings on `mesh`, for `step_fn.lower`.
     """
 
-    def __init__(self, config, head, table, mesh, *, pretrained=None):
+    def __init__(self, config, head, table, mesh, *, pretrained=None, abstract=False):
         self.config = config
         self.mesh = mesh
         self.table = table
         self.model = methods.build_model(config, head)
         self.num_frames = table.num_frames
-        steps_per_epoch, self.cross_start = schedule_lengths(config, self.num_frames)
-        self.tx, self.schedule = optim.make_optimizer(
-            config.train.optimizer, learning_rate=config.train.learning_rate,
-            learning_rate_2=config.train.learning_rate_2, steps_per_epoch=steps_per_epoch,
-            total_steps=config.train.steps, decay_rate=config.train.lr_decay_rate,
-            decay_epochs=config.train.lr_decay_epochs)
+        _, self.cross_start = schedule_lengths(config, self.num_frames)
+        self.tx = optim.make_optimizer(config.train.optimizer)
+        replicated = parallel.replicated(mesh)
+        schedule = train_schedule(config, self.num_frames)
         self.image_shape = methods.image_shape(config)
         feature = jax.eval_shape(
             lambda: self.model.init_with_output(
                 jax.random.PRNGKey(0), jnp.zeros((1, *self.image_shape, 3)), train=False)[0])
         _, num_parts, dim = feature.shape  # [1, P, D]
-        memory = AnchorMemory.zeros(table.tracklets_per_camera, num_parts, dim)
-        self.state = state_lib.create_train_state(
-            self.model, jax.random.PRNGKey(config.seed), image_shape=self.image_shape,
-            tx=self.tx, memory=memory, mesh=mesh, pretrained=pretrained or None)
+        zeros = functools.partial(AnchorMemory.zeros, table.tracklets_per_camera, num_parts, dim)
+        if abstract:
+            self.schedule = jax.tree.map(
+                lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), schedule)
+            self.state = state_lib.abstract_train_state(
+                self.model, image_shape=self.image_shape, tx=self.tx,
+                memory=jax.eval_shape(zeros), mesh=mesh)
+        else:
+            self.schedule = jax.device_put(schedule, replicated)
+            self.state = state_lib.create_train_state(
+                self.model, jax.random.PRNGKey(config.seed), image_shape=self.image_shape,
+                tx=self.tx, memory=zeros(), mesh=mesh, pretrained=pretrained or None)
         self.step_fn = step_lib.make_train_step(
-            self.model, self.tx, self.schedule, mesh=mesh, margin=config.train.margin,
+            self.model, config.train.optimizer, mesh=mesh, margin=config.train.margin,
             eta=config.train.eta, weight_decay=config.train.weight_decay,
             clip=config.train.clip, ema_decay=config.train.ema_decay,
-            cross_start_step=self.cross_start, frozen_scopes=self.model.frozen_scopes)
+            frozen_scopes=self.model.frozen_scopes)
         self.resident = None
 
-    def load_resident(self):
-        """Decodes the training frames onto the devices (config.data.resident)."""
-        self.resident = data_lib.load_resident(self.table, self.config.data.image_size,
-                                               self.mesh)
+    def load_resident(self, rows=None):
+        """Reads the training frames onto the devices (config.data.resident), padded to
+        `rows` frames when given (see `data.load_resident`)."""
+        frames, loading = data_lib.input_from_config(self.config, self.table)
+        self.resident = data_lib.load_resident(self.table, frames, self.mesh, rows=rows,
+                                               loading=loading)
+
+    def input_shapes(self, resident_rows=None):
+        """(batch, dataset or None) of one step as jax.ShapeDtypeStructs with their shardings:
+        the resident form ({"index"} and the [N, H, W, 3] frames, N = `resident_rows` or the
+        table's frames) for resident configs, else the host form."""
+        batch_size = self.config.train.batch_size
+        height, width = self.image_shape
+        data = parallel.batch_sharding(self.mesh)
+        replicated = parallel.replicated(self.mesh)
+        if not self.config.data.resident:
+            return {"image": jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.uint8,
+                                                  sharding=data),
+                    "track": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data),
+                    "camera": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data)}, None
+        rows = resident_rows or self.num_frames
+        return ({"index": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data)},
+                {"image": jax.ShapeDtypeStruct((rows, height, width, 3), jnp.uint8,
+                                               sharding=replicated),
+                 "track": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated),
+                 "camera": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)})
 
     def batches(self, start_step):
-        """Yields the batch of each step from `start_step` on (a function of seed and step)."""
+        """Yields the batch of each step from `start_step` to config.train.steps (a function
+        of seed and step: the checkpoint's step is the whole state of the input)."""
         config = self.config
         if self.resident is None:
-            yield from data_lib.TrainInput(
-                self.table, global_batch=config.train.batch_size,
-                image_size=config.data.image_size, seed=config.seed,
-                mesh=self.mesh).iterate(start_step)
+            frames, loading = data_lib.input_from_config(config, self.table)
+            yield from data_lib.train_batches(
+                self.table, frames, global_batch=config.train.batch_size, seed=config.seed,
+                mesh=self.mesh, start_step=start_step, end_step=config.train.steps,
+                loading=loading)
             return
         yield from data_lib.resident_batches(
             self.num_frames, global_batch=config.train.batch_size, seed=config.seed,
@@ -100,17 +154,18 @@ class Trainer:
     def step(self, batch):
         """One training step; returns its device metrics."""
         if self.resident is None:
-            self.state, metrics = self.step_fn(self.state, batch)
+            self.state, metrics = self.step_fn(self.state, self.schedule, batch)
         else:
-            self.state, metrics = self.step_fn(self.state, batch, self.resident)
+            self.state, metrics = self.step_fn(self.state, self.schedule, batch, self.resident)
         return metrics
 
 
-def make_trainer(config, head, table, mesh, *, load_weights=True):
+def make_trainer(config, head, table, mesh, *, load_weights=True, abstract=False):
     """The trainer of one model; `load_weights=False` skips the ImageNet file (a resumed
-    run restores every weight from its checkpoint; a benchmark times, never learns)."""
-    pretrained = config.model.pretrained if load_weights else None
-    return Trainer(config, head, table, mesh, pretrained=pretrained)
+    run restores every weight from its checkpoint; a benchmark times, never learns);
+    `abstract=True`: shapes and shardings only, for compiling ahead of time (`Trainer`)."""
+    pretrained = config.model.pretrained if load_weights and not abstract else None
+    return Trainer(config, head, table, mesh, pretrained=pretrained, abstract=abstract)
 
 
 def finished_step(model_dir, config):
@@ -120,10 +175,11 @@ def finished_step(model_dir, config):
     return step if step is not None and step >= config.train.steps else None
 
 
-def train_model(config, dataset, model_dir, mesh):
+def train_model(config, dataset, model_dir, mesh, *, resident_rows=None):
     """Trains (or resumes) the model of `model_dir` (a workdir.ModelDir) until
     `config.train.steps`, checkpointing as it goes. A finished model is skipped before
-    anything is built or decoded."""
+    anything is built or decoded. `resident_rows`: pad the resident frames to this many
+    rows (the run's largest training set, so that its splits share one compiled step)."""
     where = model_dir.label
     done = finished_step(model_dir, config)
     if done is not None:
@@ -148,7 +204,7 @@ def train_model(config, dataset, model_dir, mesh):
             if config.train.anchor_init == "features":
                 trainer.state = _init_anchors_from_features(config, dataset, trainer, mesh)
         if config.data.resident:
-            trainer.load_resident()
+            trainer.load_resident(max(resident_rows or 0, trainer.num_frames))
         # rows logged after the checkpoint resumed from are dropped: they are logged again
         writer = metrics_lib.MetricsWriter(model_dir.metrics, model_dir.tensorboard,
                                            resume_step=start)
@@ -258,9 +314,10 @@ def _init_anchors_from_features(config, dataset, trainer, mesh):
         variables = parallel.replicate(models.load_pretrained(
             variables, config.model.pretrained, backbone=trainer.model.backbone_name,
             moving_stats=True), mesh)
+    frames, loading = data_lib.input_from_config(config, dataset.train)
     feats = extract.extract_frame_features(
-        trainer.model, variables, dataset.train, mesh=mesh,
-        batch_size=extract.extraction_batch(config, mesh), image_size=config.data.image_size)
+        trainer.model, variables, frames, mesh=mesh,
+        batch_size=extract.extraction_batch(config, mesh), loading=loading)
     memory = AnchorMemory.from_features(
         trainer.state.memory, feats, dataset.train.track, dataset.train.camera)
     return trainer.state.replace(memory=jax.device_put(memory, parallel.replicated(mesh)))
