@@ -192,11 +192,27 @@ def test_train_batches_mesh_size_and_device_order(ds):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_batches_and_stop(ds):
+def test_worker_processes_give_the_same_batches_and_stop(ds, capfd):
+    """...and ignore the stop signals (Ctrl-C reaches a terminal's whole process group):
+    the trainer decides when they stop, so no reader prints a traceback or dies early."""
     import multiprocessing
+    import signal
+    import time
     mesh = _mesh(2)
-    threads = _train(ds.train, mesh, 3, 9)
-    workers = _train(ds.train, mesh, 3, 9, loading=Loading(workers=2, prefetch=1))
+    threads = _train(ds.train, mesh, 3, 19)
+    batches = train_batches(ds.train, RawFrames(ds.train.path, IMAGE_SIZE), global_batch=16,
+                            seed=11, mesh=mesh, start_step=3, end_step=19,
+                            loading=Loading(workers=2, prefetch=1))
+    workers = [next(batches)]
+    children = [p for p in multiprocessing.active_children() if p.is_alive()]
+    assert len(children) == 2
+    for p in children:
+        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert [p.exitcode for p in children] == [None, None]
+    workers += list(batches)
+    assert "Traceback" not in capfd.readouterr().err
     for x, y in zip(threads, workers, strict=True):
         for k in ("image", "track", "camera"):
             assert np.array_equal(np.asarray(x[k]), np.asarray(y[k]))

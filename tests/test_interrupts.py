@@ -127,7 +127,8 @@ def test_a_real_sigterm_exits_143_with_one_line_after_saving(tmp_path):
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "split_1" / "lam" / "metrics.jsonl"
     deadline = time.time() + 300
-    while not metrics.exists() and proc.poll() is None:
+    # until a step is logged: a signal before the loop saves nothing (nothing was trained)
+    while not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:
         assert time.time() < deadline, "training did not start within 300 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
