@@ -128,6 +128,14 @@ def test_the_record_holds_paths_relative_to_the_workdir(trained, tmp_path):
     config.data.root = str(tmp_path / "elsewhere")
     Workdir(moved).write_record(config)
     assert Workdir(moved).read_record().data.root == str(tmp_path / "elsewhere")
+    # a prepared set's folder is a path like the others; a URL is kept as written
+    config.data.data_dir = os.path.join(moved, "prepared")
+    Workdir(moved).write_record(config)
+    recorded = json.load(open(os.path.join(moved, "config.json")))["data"]["data_dir"]
+    assert recorded == "{workdir}/prepared"
+    config.data.data_dir = "gs://bucket/prepared"
+    Workdir(moved).write_record(config)
+    assert Workdir(moved).read_record().data.data_dir == "gs://bucket/prepared"
 
 
 @pytest.mark.slow

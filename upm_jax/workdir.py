@@ -43,7 +43,7 @@ FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "data.source",
                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                "train.divergence_factor", "eval.")
 # The config fields that hold paths (recorded relative to the workdir when inside it).
-PATH_FIELDS = ("data.root", "data.split_file", "model.pretrained")
+PATH_FIELDS = ("data.root", "data.split_file", "data.data_dir", "model.pretrained")
 _WORKDIR_PLACEHOLDER = "{workdir}"
 # Stems of the features files: the trained model's, and the untrained network's.
 FEATURES = "features"
@@ -168,14 +168,14 @@ class Workdir:
         return resolved
 
     def resolve_path(self, path):
-        """A config path with `{workdir}` expanded, made absolute ('' stays '')."""
-        if not path:
+        """A config path with `{workdir}` expanded, made absolute ('' and URLs stay)."""
+        if not path or "://" in path:
             return path
         return os.path.abspath(path.replace(_WORKDIR_PLACEHOLDER, os.path.abspath(self.path)))
 
     def _relative_path(self, path):
         """`path` as recorded: `{workdir}/...` when inside the workdir, else as is."""
-        if not path:
+        if not path or "://" in path:
             return path
         inside = os.path.relpath(path, os.path.abspath(self.path))
         if inside == "." or inside.startswith(os.pardir):
