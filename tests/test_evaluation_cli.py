@@ -120,3 +120,28 @@ def test_outputs_into_a_missing_folder_and_a_damaged_file_are_one_line(tmp_path,
     assert main([str(a)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {a}: member '") and "CRC-32 check fails" in err
+
+
+def test_a_stop_signal_while_writing_leaves_nothing_and_one_line(tmp_path, capsys, monkeypatch):
+    """SIGTERM (or Ctrl-C) mid-write: the JSON file is not written, its temporary is removed,
+    one line says so, and the status is 128 + the signal's number."""
+    import signal
+
+    from upm_jax import interrupts
+    from upm_jax.evaluation import __main__ as cli
+
+    a = _small(tmp_path)
+    out = tmp_path / "r.json"
+
+    def dump_and_stop(obj, f):
+        f.write('{"options": ')
+        os.kill(os.getpid(), signal.SIGTERM)   # the handler raises before the write ends
+        f.write("never written")
+
+    monkeypatch.setattr(cli.json, "dump", dump_and_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    assert interrupts.command(lambda: cli.main([str(a), f"--json={out}"])) == 143
+    assert capsys.readouterr().err == ("stopped by SIGTERM: no file was left half-written; run "
+                                       "the same command again to continue\n")
+    assert sorted(os.listdir(tmp_path)) == ["small.npz"]
+    assert signal.getsignal(signal.SIGTERM) == before   # the handlers come back

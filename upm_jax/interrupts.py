@@ -14,17 +14,15 @@ own SIGTERM listener would post; our handler replaces that listener so that SIGI
 the stages outside training are handled too), and every process asks
 `multihost_utils.reached_preemption_sync_point(step)` after each step: JAX's sync
 protocol picks the first step every process can still reach, and all save it.
+
+Importable without JAX (it is imported only where training needs it): `command` gives
+the NumPy-only command lines the same handling.
 """
 import contextlib
 import datetime
 import signal
+import sys
 import threading
-
-import jax
-from jax.experimental import multihost_utils
-
-from upm_jax import parallel
-from upm_jax.progress import say
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The coordination-service key of JAX's preemption notice (xla/tsl preemption_sync_manager).
@@ -69,6 +67,9 @@ def _handler(signum, frame):
     if not _state.deferring:
         raise Interrupted(signum, "no file was left half-written; run the same command "
                                   "again to continue")
+    import jax  # noqa: PLC0415  (deferring happens only in training, where JAX is in use)
+
+    from upm_jax.progress import say  # noqa: PLC0415
     if _state.signum is not None:
         say(f"{signal.Signals(signum).name}: already stopping after the step in flight "
             "(saving its checkpoint)")
@@ -98,6 +99,8 @@ class _Stop:
 
     def requested(self, step):
         """True when the loop must save `step` and stop (on every process alike)."""
+        import jax  # noqa: PLC0415
+        from jax.experimental import multihost_utils  # noqa: PLC0415
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(int(step))
         return _state.signum is not None
@@ -109,6 +112,7 @@ class _Stop:
     @property
     def signum(self):
         """The signal that stops the run: this process's, else the one a peer posted."""
+        from upm_jax import parallel  # noqa: PLC0415
         if _state.signum is not None:
             return _state.signum
         posted = parallel.key_value_get(_SIGNAL_KEY)
@@ -136,6 +140,20 @@ def deferred():
 
 def _post_preemption_notice(signum):
     """Starts JAX's preemption sync protocol on every process (see the module docstring)."""
+    from upm_jax import parallel  # noqa: PLC0415
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     parallel.key_value_set(_SIGNAL_KEY, str(int(signum)))
     parallel.key_value_set(_PREEMPTION_NOTICE_KEY, now)
+
+
+def command(main):
+    """Runs a command line's `main()` (one that needs neither JAX nor a workdir: the
+    evaluator, the porting tool, Grad-CAM) with the stop signals handled as outside
+    training: the file being written is removed, one line `stopped by SIGINT: ...` is
+    printed, and the status is 128 + the signal's number. Returns the exit status."""
+    with installed():
+        try:
+            return main()
+        except Interrupted as e:
+            print(e, file=sys.stderr)
+            return e.status

@@ -115,4 +115,5 @@ def _run(args, files):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upm_jax import interrupts
+    sys.exit(interrupts.command(main))
