@@ -27,3 +27,17 @@ def test_train_and_extract_rows(tmp_path):
     assert train["mfu"] is None                   # no known peak for a CPU
     assert {r["input"] for r in rows[1:]} == {"on-device", "host pipeline (PNG files)"}
     assert all(r["frames_per_s"] > 0 for r in rows[1:])
+
+
+def test_export_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--sections", "export", "--backbones", "mobilenet_v1", "--dtypes", "float32",
+                    "--export-methods", "upm_local", "--export-formats", "stablehlo,onnx",
+                    "--image-size", "64", "--n-part", "2", "--depth-multiplier", "0.25",
+                    "--steps", "1", "--repeats", "1", "--extract-batch", "8", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["runtime"], r["format"]) for r in rows] == [
+        ("upm_jax (jit)", ""), ("jax.export reloaded", "stablehlo"), ("onnxruntime", "onnx")]
+    assert all(r["section"] == "export" and r["batch"] == 8 and r["frames_per_s"] > 0
+               and r["load_s"] > 0 for r in rows)
+    assert all(r["error"] < 1e-5 and r["bytes"] > 1e5 for r in rows[1:])

@@ -6,10 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from upm_jax.evaluation import load_features, plot_cmc, plot_montage, rank_lists, save_features
 from upm_jax.evaluation.__main__ import main
+from upm_jax.evaluation.plots import BAD_RGB, GOOD_RGB, MONTAGE_KEY, MONTAGE_LABELS, QUERY_RGB
 from upm_jax.evaluation.synthetic import synthetic_mars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,3 +146,31 @@ def test_a_stop_signal_while_writing_leaves_nothing_and_one_line(tmp_path, capsy
                                        "the same command again to continue\n")
     assert sorted(os.listdir(tmp_path)) == ["small.npz"]
     assert signal.getsignal(signal.SIGTERM) == before   # the handlers come back
+
+
+def test_montage_has_a_key_to_its_frame_colours_and_labels(tmp_path):
+    """The frames' colours and the `rank: tracklet` labels are explained in the picture: a key
+    band above the rows holding a swatch of each colour and text, wide enough to show whole
+    even for one short rank list."""
+    paths = []
+    for t in range(3):
+        paths.append(str(tmp_path / f"t{t}.png"))
+        Image.new("RGB", (8, 16), (128, 128, 128)).save(paths[-1])
+    ranked = [(0, np.array([1, 2]), np.array([True, False]))]
+    out = tmp_path / "m.png"
+    plot_montage(paths, ranked, out, size=(16, 32))
+    image = np.asarray(Image.open(out).convert("RGB"))
+    label_h, cell_h = 14, 32 + 10
+    key_h = 2 * label_h + 6
+    assert image.shape[0] == key_h + cell_h + label_h
+    assert image.shape[1] >= ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(MONTAGE_LABELS)
+
+    def has(band, rgb):
+        return bool(np.all(band == rgb, axis=-1).any())
+
+    key, rows = image[:key_h], image[key_h:]
+    for _, rgb in MONTAGE_KEY:
+        assert has(key, rgb)
+    assert (key[label_h + 2:].max(axis=-1) < 100).any()   # the labels line: dark text
+    # the rows: the query framed blue, rank 1 green (same person), rank 2 red
+    assert has(rows, QUERY_RGB) and has(rows, GOOD_RGB) and has(rows, BAD_RGB)

@@ -174,7 +174,9 @@ def test_resume_with_more_steps_continues_from_the_checkpoint(copy_of_trained, c
     run.run(tiny_config(train__steps=3), workdir, mode="train", overwrite=True)
     steps = sorted(os.listdir(os.path.join(workdir, "split_1", "lam", "checkpoints")))
     assert steps == ["2", "3"]
-    assert "resuming from the checkpoint of step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming from the checkpoint of step 2" in err
+    assert re.search(r"split 1 lam: compiled the training step in \d+\.\d s\n", err)
     assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 3
 
 

@@ -213,6 +213,24 @@ def test_row_labels_are_the_paths_below_the_frames_common_folder():
     assert visualize.frame_labels(["/d/p1/1.png", "/d/p1/2.png"]) == ["p1/1.png", "p1/2.png"]
 
 
+def test_the_picture_says_what_its_marks_are(tmp_path):
+    """Columns are named, the colour bar is labelled, and with stripes drawn the title says
+    what the dashed lines are; without stripes (DAL) it does not mention them."""
+    frames = random_frames(2, 16, 8)
+    cams = np.random.default_rng(1).uniform(0, 1, (2, 3, 16, 8)).astype(np.float32)
+    fig = visualize.draw(frames, cams, str(tmp_path / "a.png"), labels=["x", "y"],
+                         title="Grad-CAM", stripes=[(0, 8), (8, 16)])
+    assert fig.get_suptitle().splitlines() == [
+        "Grad-CAM", "dashed lines: the stripe of the frame that the part's feature pools"]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["frame", "overall", "part 1", "part 2"]
+    assert fig.axes[-1].get_ylabel() == "Grad-CAM (normalised)"
+    plain = visualize.draw(frames, cams[:, :1], str(tmp_path / "b.png"), labels=["x", "y"],
+                           title="Grad-CAM")
+    assert plain.get_suptitle() == "Grad-CAM"
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- the CLI on a tiny workdir -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -301,9 +319,11 @@ def test_cli_defaults_to_the_first_model_and_the_last_map(upm_workdir, tmp_path,
 @pytest.mark.parametrize("args,expected", [
     (["--layer", "Conv2d_99"], "'Conv2d_99' is not an endpoint of mobilenet_v1; expected one "
                                "of: Conv2d_0, Conv2d_1_depthwise"),
-    (["--model", "dal"], "--model 'dal': the workdir's method 'upm' trains ['lam', 'gam']"),
-    (["--split", "3"], "--split 3: model 'lam' has checkpoints only for splits [1]"),
-    (["--workdir", "/nonexistent/run"], "'/nonexistent/run' has no config.json"),
+    (["--model", "dal"], "model 'dal': the workdir's method 'upm' trains ['lam', 'gam']"),
+    (["--split", "3"], "split 3: models 'lam', 'gam' have checkpoints only for splits [1]"),
+    (["--model", "gam", "--split", "3"],
+     "split 3: model 'gam' has checkpoints only for splits [1]"),
+    (["--workdir", "/nonexistent/run"], "workdir '/nonexistent/run' has no config.json"),
     (["missing.png"], "cannot decode image missing.png"),
 ])
 def test_cli_user_errors_exit_2_with_a_message(upm_workdir, tmp_path, capsys, args, expected):

@@ -3,7 +3,8 @@
     python tools/compare_tf1.py --steps 1,10,100 [--method dal|upm_local|upm_global] [--seeds 0,1,2]
 
 For each method the original graph (run by ``tools/tf1_original.py`` in a subprocess, from
-``../shared/bench_tf1/orig/shimmed``) creates every initial variable: conv weights, BN
+the original code prepared as docs/faithfulness.md says: ``--original`` or
+$UPM_TF1_ORIGINAL) creates every initial variable: conv weights, BN
 gamma/beta and moving statistics, RMSProp slots, EMA shadows, anchors. All of them are
 loaded into upm_jax's TrainState (backbone names through ``upm_jax.porting.slim``'s rule
 table), both sides take the same batches (uint8 frames, tracklet ids, cameras), and after
@@ -124,8 +125,10 @@ def parse_args(argv=None):
     if args.steps[0] < 1 or min(args.tracklets) < 1 or len(args.tracklets) < 2:
         p.error("--steps must be >= 1; --tracklets needs >= 2 cameras with >= 1 tracklet each")
     if not os.path.isdir(os.path.join(args.original, "dal")):
-        p.error(f"--original {args.original}: no dal/ folder there; expected the shimmed original "
-                f"code (../shared/bench_tf1/orig/shimmed)")
+        p.error(f"--original {args.original}: no dal/ folder there; expected the original DAL "
+                f"and uPMnet code as dal/ and upmnet/, its imports moved to tensorflow.compat.v1 / "
+                f"tf_slim (docs/faithfulness.md, 'The original code, for the comparisons'); pass "
+                f"--original DIR or set UPM_TF1_ORIGINAL")
     args.method = args.method or list(METHODS)
     args.frames = args.frames or 4 * args.batch
     return args

@@ -4,7 +4,7 @@
         [--synthetic-seeds 0] [--kernel-gap] [--json parity.json]
 
 For each generated set (config.data.synthetic_seed) and run seed (config.seed): the
-original graph (``tools/tf1_original.py``, from ``../shared/bench_tf1``) creates its seeded
+original graph (``tools/tf1_original.py``, docs/faithfulness.md) creates its seeded
 initial variables, upm_jax's trainer of the config takes all of them (as
 ``tools/compare_tf1.py`` loads them), and both train config.train.steps steps on the same
 batches: upm_jax's own rows of each step (``data.batch_indices``) of the resident training
@@ -70,8 +70,10 @@ def parse_args(argv=None):
     if min(args.seeds + args.synthetic_seeds) < 0:
         p.error("--seeds and --synthetic-seeds must be >= 0")
     if not os.path.isdir(os.path.join(args.original, "dal")):
-        p.error(f"--original {args.original}: no dal/ folder there; expected the shimmed original "
-                f"code (../shared/bench_tf1/orig/shimmed)")
+        p.error(f"--original {args.original}: no dal/ folder there; expected the original DAL "
+                f"and uPMnet code as dal/ and upmnet/, its imports moved to tensorflow.compat.v1 / "
+                f"tf_slim (docs/faithfulness.md, 'The original code, for the comparisons'); pass "
+                f"--original DIR or set UPM_TF1_ORIGINAL")
     return args
 
 

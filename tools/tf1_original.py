@@ -1,8 +1,8 @@
 """Run the ORIGINAL DAL or uPMnet TF1 training graph step by step and record its whole state.
 
 The original code (a checkout of yanbeic/Deep-Association-Learning or deropty/uPMnet with
-only its imports moved to ``tensorflow.compat.v1`` / ``tf_slim``, as
-``../shared/bench_tf1/orig/shimmed``) is third-party: this script runs it and never
+only its imports moved to ``tensorflow.compat.v1`` / ``tf_slim``, as docs/faithfulness.md
+says how) is third-party: this script runs it and never
 copies it. Its own ``train()`` builds the graph; run-time patches only replace what a
 side-by-side run cannot use:
 

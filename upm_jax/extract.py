@@ -49,10 +49,11 @@ def extraction_batch(config, mesh):
     return max(ACCELERATOR_EXTRACTION_BATCH // mesh.size, 1) * mesh.size
 
 
-def restore_inference(config, model_dir, mesh):
+def restore_inference(config, model_dir, mesh, step=None):
     """(model, variables) of the model trained in `model_dir` (a workdir.ModelDir) under
     the workdir's `config`: the EMA params, frozen params and BatchNorm statistics of its
-    latest checkpoint, replicated on `mesh`, ready for `model.apply(variables, x)`."""
+    checkpoint `step` (None: the latest), replicated on `mesh`, ready for
+    `model.apply(variables, x)`."""
     model = methods.build_model(config, model_dir.head)
     abstract = state_lib.abstract_variables(model, image_shape=methods.image_shape(config),
                                             mesh=mesh)
@@ -61,7 +62,7 @@ def restore_inference(config, model_dir, mesh):
               "batch_stats": abstract.get("batch_stats", {})}
     checkpoints = checkpoints_lib.Checkpoints(model_dir.checkpoints, read_only=True)
     try:
-        restored = checkpoints.restore_inference(target)
+        restored = checkpoints.restore_inference(target, step)
     finally:
         checkpoints.close()
     return model, inference_variables(restored)

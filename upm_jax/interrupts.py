@@ -147,10 +147,10 @@ def _post_preemption_notice(signum):
 
 
 def command(main):
-    """Runs a command line's `main()` (one that needs neither JAX nor a workdir: the
-    evaluator, the porting tool, Grad-CAM) with the stop signals handled as outside
-    training: the file being written is removed, one line `stopped by SIGINT: ...` is
-    printed, and the status is 128 + the signal's number. Returns the exit status."""
+    """Runs the `main()` of a command line other than upm_jax.main (the evaluator, the
+    porting tool, Grad-CAM, the export) with the stop signals handled as outside training:
+    the file being written is removed, one line `stopped by SIGINT: ...` is printed, and
+    the status is 128 + the signal's number. Returns the exit status."""
     with installed():
         try:
             return main()

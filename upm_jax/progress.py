@@ -1,7 +1,9 @@
 """What the user sees while a run works: one line per stage on stderr, from process 0 only,
 and third-party chatter kept out of it."""
+import contextlib
 import logging
 import sys
+import time
 
 import jax
 
@@ -15,6 +17,24 @@ def say(message):
     """A progress message for the user, from process 0 only."""
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def compiling(bar, what):
+    """Around the first call of a jitted function, which blocks while XLA compiles it (or
+    loads it from the persistent compilation cache): the tqdm `bar` says so meanwhile, and
+    afterwards one line above the bar says how long it took."""
+    if bar.disable:   # another process's bar: it shows nothing
+        yield
+        return
+    label = bar.desc
+    bar.set_description_str(f"{label} (compiling {what})")
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        bar.set_description_str(label)
+    bar.write(f"{label}: compiled {what} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 class _DropNoise(logging.Filter):

@@ -30,7 +30,7 @@ COLORMAP = "jet"
 
 
 class VisualizeError(ValueError):
-    """A request that cannot be drawn (unknown layer, model or split); the message says why."""
+    """A request that cannot be drawn (unknown layer, no frames); the message says why."""
 
 
 class Endpoint(NamedTuple):
@@ -198,36 +198,16 @@ class Restored(NamedTuple):
 
 def restore_from_workdir(workdir: str, model_name: Optional[str] = None,
                          split: Optional[int] = None) -> Restored:
-    """The EMA inference model of one trained model of a workdir, from its checkpoint and the
-    workdir's recorded config alone. Defaults: the method's first model, the lowest split
-    that has checkpoints."""
-    from upm_jax import extract, methods, parallel
-    from upm_jax.workdir import Workdir
+    """The EMA inference model of one trained model of a workdir, restored by the Python API
+    (`upm_jax.extractor.load`). Defaults: the method's first model, the lowest split where
+    the models have checkpoints (finished training or not)."""
+    from upm_jax import extractor as extractor_lib
 
-    run_dir = Workdir(workdir)
-    config = run_dir.read_record()
-    if config is None:
-        raise VisualizeError(f"--workdir {workdir!r} has no config.json: expected a folder "
-                             "written by python -m upm_jax.main")
-    heads = dict(methods.METHODS[config.method])
-    name = model_name or next(iter(heads))
-    if name not in heads:
-        raise VisualizeError(f"--model {name!r}: the workdir's method {config.method!r} trains "
-                             f"{list(heads)}")
-    model_dirs = {k: m for k in run_dir.recorded_splits()
-                  for m in run_dir.split(k).models(config.method) if m.name == name}
-    trained = [k for k, m in model_dirs.items() if m.latest_step() is not None]
-    if not trained:
-        raise VisualizeError(f"--workdir {workdir!r} has no checkpoints of model {name!r} "
-                             f"(expected {workdir}/split_K/{name}/checkpoints/): train first")
-    split = trained[0] if split is None else split
-    if split not in trained:
-        raise VisualizeError(f"--split {split}: model {name!r} has checkpoints only for splits "
-                             f"{trained}")
-    model_dir = model_dirs[split]
-    model, variables = extract.restore_inference(config, model_dir, parallel.make_mesh())
-    step = model_dir.latest_step()
-    return Restored(model, variables, int(config.data.image_size), name, split, int(step))
+    loaded = extractor_lib.load(workdir, split=split, unfinished=True,
+                                models=None if model_name is None else [model_name])
+    chosen = loaded.models[0]
+    return Restored(chosen.model, chosen.variables, loaded.image_size, chosen.name,
+                    loaded.split, chosen.step)
 
 
 def load_frames(paths: Sequence[str], image_size: int) -> np.ndarray:
@@ -250,9 +230,11 @@ def frame_labels(paths: Sequence[str]):
 def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence[str],
          title: str, stripes=(), dpi: int = 110):
     """One row per frame: the frame, then each map over it; a shared colour bar (PNG, atomic).
+    Returns the matplotlib Figure.
 
     frames: uint8 [B, H, W, 3]; cams: [B, M, H, W] in [0, 1], overall first, then parts;
-    stripes: per part (top, bottom) image rows, outlined on that part's map.
+    stripes: per part (top, bottom) image rows, outlined on that part's map (and the title
+    says what the dashed lines are).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -291,9 +273,13 @@ def draw(frames: np.ndarray, cams: np.ndarray, out_png: str, *, labels: Sequence
                        cax=fig.add_subplot(grid[:, -1]))
     bar.set_label("Grad-CAM (normalised)", fontsize=7)
     bar.ax.tick_params(labelsize=6)
+    if stripes:
+        title += "\ndashed lines: the stripe of the frame that the part's feature pools"
     fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.08, right=0.9, top=1 - 0.55 / fig.get_figheight(), bottom=0.02)
+    top = 0.55 + 0.15 * title.count("\n")   # inches for the title's lines
+    fig.subplots_adjust(left=0.08, right=0.9, top=1 - top / fig.get_figheight(), bottom=0.02)
     atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
+    return fig
 
 
 def visualize(workdir: str, frame_paths: Sequence[str], out_png: str, *,
@@ -339,6 +325,7 @@ def main(argv=None) -> int:
     args = _parser().parse_intermixed_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upm_jax import run
+    from upm_jax.extractor import ExtractorError
 
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
@@ -347,7 +334,7 @@ def main(argv=None) -> int:
     try:
         drawn = visualize(args.workdir, args.frames, args.out, layer=args.layer,
                           model_name=args.model, split=args.split, dpi=args.dpi)
-    except (VisualizeError,) + run.USER_ERRORS as e:
+    except (VisualizeError, ExtractorError) + run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Grad-CAM of model {drawn['model']} (split {drawn['split']}, step {drawn['step']}) "

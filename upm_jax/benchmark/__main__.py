@@ -16,6 +16,9 @@ Sections:
             image size), the grain pipeline from raw files and from a prepared set per
             worker count, and the host cores each shipped config needs at the roofline
             step rate (`benchmark/input.py`)
+  export    extraction frames/s of each exported artifact (python -m upm_jax.export) run by
+            its own runtime, next to upm_jax's own, and each one's load time (from the file
+            to the first features); methods from --export-methods (default upm: LAM + GAM)
   evaluate  evaluator seconds and peak memory at MARS size (`benchmark/evaluation.py`)
   memory    peak memory of extraction and evaluation at MARS size (`benchmark/memory.py`;
             not in the default sections: it writes several GB under --memory-workdir)
@@ -51,6 +54,7 @@ from upm_jax import parallel  # noqa: E402
 from upm_jax.benchmark import hlo  # noqa: E402
 from upm_jax.data import FrameTable  # noqa: E402
 from upm_jax.files import atomic_write  # noqa: E402
+from upm_jax.training import state as state_lib  # noqa: E402
 from upm_jax.training import trainer as trainer_lib  # noqa: E402
 
 # Dense peak FLOP/s per chip by device kind (vendor figures, no sparsity), for MFU.
@@ -274,6 +278,52 @@ def _bench_extract_host(model, variables, batch, dtype, args, mesh, backbone, he
                 frames_per_s_range=[frames / high, frames / low])
 
 
+def bench_export(backbone, method, dtype, args):
+    """Rows of upm_jax's extraction and of each --export-formats artifact of `method`'s
+    models (random weights), one --extract-batch of random frames at a time, one device."""
+    from upm_jax.export import artifact  # noqa: PLC0415
+    from upm_jax.extractor import Extractor, TrainedModel  # noqa: PLC0415
+
+    batch = args.extract_batch
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
+    models = []
+    for i, (name, head) in enumerate(methods.METHODS[method]):
+        model = build(backbone, head, dtype, args)
+        variables = state_lib.init_variables(model, jax.random.PRNGKey(i), mesh=mesh,
+                                             image_shape=methods.image_shape(
+                                                 bench_config(backbone, head, dtype, batch, args)))
+        models.append(TrainedModel(name, head, None, model, variables))
+    extractor = Extractor(models, image_size=args.image_size, batch_size=batch, mesh=mesh)
+    height, width = extractor.image_shape
+    frames = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), np.uint8)
+    base = dict(row_base(dtype, batch), devices=1, section="export", backbone=backbone,
+                method=method)
+
+    def row(runtime, fmt, run, load_s, size=None):
+        median, low, high = timed(lambda: [run(frames) for _ in range(args.steps)], args.repeats)
+        rate = args.steps * batch
+        return dict(base, runtime=runtime, format=fmt, load_s=load_s, bytes=size,
+                    frames_per_s=rate / median, frames_per_s_range=[rate / high, rate / low])
+
+    start = time.perf_counter()
+    reference = extractor(frames)
+    rows = [row("upm_jax (jit)", "", extractor, time.perf_counter() - start)]
+    runtimes = {"stablehlo": "jax.export reloaded", "onnx": "onnxruntime",
+                "savedmodel": "TensorFlow"}
+    with tempfile.TemporaryDirectory() as folder:
+        for fmt in args.export_formats.split(","):
+            module = artifact.format_module(fmt)
+            path = os.path.join(folder, f"features.{fmt}")
+            module.write(extractor, path)
+            start = time.perf_counter()
+            run = module.open_artifact(path)
+            got = run(frames)
+            rows.append(dict(row(runtimes[fmt], fmt, run, time.perf_counter() - start,
+                                 artifact.artifact_bytes(path)),
+                             error=artifact.feature_error(got, reference)))
+    return rows
+
+
 def bench_input(args):
     from upm_jax.benchmark import input as input_bench  # noqa: PLC0415
     records = input_bench.decode_resize_throughput(image_size=args.image_size,
@@ -354,6 +404,10 @@ def parse_args(argv):
     parser.add_argument("--input-dir", default="",
                         help="input section: folder for its frames and prepared set "
                              "(default: the system's temporary folder)")
+    parser.add_argument("--export-methods", default="upm",
+                        help="export section: methods whose models are exported together")
+    parser.add_argument("--export-formats", default="stablehlo,onnx,savedmodel",
+                        help="export section: the formats timed")
     parser.add_argument("--rerank", action="store_true", help="also time re-ranking")
     parser.add_argument("--memory-workdir", default="",
                         help="memory section: a folder for its frames and features files")
@@ -421,6 +475,11 @@ def main(argv=None):
                         emit([row])
                 if "extract" in sections:
                     emit(bench_extract(backbone, head, args.extract_batch, dtype, args, mesh))
+    if "export" in sections:
+        for backbone in args.backbones.split(","):
+            for method in args.export_methods.split(","):
+                for dtype in args.dtypes.split(","):
+                    emit(bench_export(backbone, method, dtype, args))
     if "input" in sections:
         emit(bench_input(args))
     if "evaluate" in sections:

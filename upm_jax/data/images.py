@@ -110,14 +110,19 @@ def _integer_bits(im):
     return int(depth) if depth else 32
 
 
-def decode_resize(path: str, height: int, width: int) -> np.ndarray:
-    """Decodes `path` and resizes it to uint8 [height, width, 3] with TF1 bilinear semantics."""
-    img = decode(path)
-    if img.shape[0] == height and img.shape[1] == width:
-        return img
-    out = resize_bilinear_tf1(img, height, width)
+def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [h, w, C] -> uint8 [height, width, C] as the input pipeline resizes every frame:
+    TF1 bilinear, rounded to the nearest integer; a frame already that size is unchanged."""
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    out = resize_bilinear_tf1(image, height, width)
     # bilinear weights are convex, so values stay within [0, 255]: round without clipping
     return np.rint(out, out=out).astype(np.uint8)
+
+
+def decode_resize(path: str, height: int, width: int) -> np.ndarray:
+    """Decodes `path` and resizes it to uint8 [height, width, 3] with TF1 bilinear semantics."""
+    return resize_uint8(decode(path), height, width)
 
 
 def image_shape(image_size: int) -> tuple:

@@ -85,21 +85,45 @@ def _thumb(path, size, rgb):
     return framed
 
 
+# What the montage's marks mean, drawn above its rows.
+MONTAGE_KEY = (("query", QUERY_RGB), ("same person as the query", GOOD_RGB),
+               ("another person", BAD_RGB))
+MONTAGE_LABELS = ("labels: query T = the query's tracklet T; R: T = rank R, gallery tracklet T "
+                  "(tracklet numbers of the features file)")
+
+
+def _draw_key(draw, y, line_h):
+    """The montage's key: a swatch per frame colour on one line, the labels on the next."""
+    x = 2
+    for text, rgb in MONTAGE_KEY:
+        draw.rectangle((x, y + 1, x + line_h - 3, y + line_h - 3), outline=rgb, width=3)
+        x += line_h + 2
+        draw.text((x, y), text, fill="black")
+        x += int(draw.textlength(text)) + 14
+    draw.text((2, y + line_h), MONTAGE_LABELS, fill="black")
+    return max(x, 4 + int(draw.textlength(MONTAGE_LABELS)))
+
+
 def plot_montage(paths, ranked, out_png, *, size=(64, 128)):
     """Write a rank-list montage PNG: per row the query (blue frame) then its top-k gallery
-    tracklets framed green (same person) or red. `paths[t]` is a representative image of
-    tracklet t; `ranked` is the output of `rank_lists`."""
+    tracklets framed green (same person) or red, each labelled `rank: tracklet`, under a
+    key saying so. `paths[t]` is a representative image of tracklet t; `ranked` is the
+    output of `rank_lists`."""
     if not ranked:
         raise ValueError("plot_montage: no rank lists given")
     k = max(len(r[1]) for r in ranked)
     cell_w, cell_h, label_h = size[0] + 10, size[1] + 10, 14
-    canvas = Image.new("RGB", (cell_w * (k + 1) + 8, (cell_h + label_h) * len(ranked)), "white")
+    key_h = 2 * label_h + 6
+    key_w = _draw_key(ImageDraw.Draw(Image.new("RGB", (1, 1))), 0, label_h)
+    canvas = Image.new("RGB", (max(cell_w * (k + 1) + 8, key_w),
+                               key_h + (cell_h + label_h) * len(ranked)), "white")
     draw = ImageDraw.Draw(canvas)
+    _draw_key(draw, 2, label_h)
     for i, (q, gal, match) in enumerate(ranked):
         for t in [q, *gal.tolist()]:
             if not 0 <= t < len(paths):
                 raise ValueError(f"montage: tracklet {t} has no path (paths has {len(paths)} lines)")
-        y = i * (cell_h + label_h)
+        y = key_h + i * (cell_h + label_h)
         draw.text((2, y), f"query {q}", fill="black")
         canvas.paste(_thumb(paths[q], size, QUERY_RGB), (2, y + label_h))
         for j, (t, ok) in enumerate(zip(gal.tolist(), match.tolist())):

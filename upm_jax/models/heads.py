@@ -3,11 +3,15 @@
 DAL pools the whole map (P = 1); LAM cuts the map into P horizontal stripes (uPMnet
 local-aware module); GAM fuses every stripe with the whole-body feature (uPMnet
 global-aware module). All pooling is done in float32; outputs are float32.
+
+Static slices are taken with `lax` slicing, not NumPy-style indexing: with a symbolic batch
+size (the exports) indexing lowers to a gather, which TFLite's converter rejects.
 """
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from upm_jax.models.layers import ConvBN
 
@@ -26,7 +30,8 @@ def stripe_pool(x: jnp.ndarray, n_part: int) -> jnp.ndarray:
         raise ValueError(
             f"cannot cut a feature map of height {h} into n_part={n_part} stripes: the map must "
             f"have at least n_part rows (use a larger image or a smaller n_part)")
-    x = x[:, : rows * n_part].astype(jnp.float32).reshape(b, n_part, rows, w, c)
+    x = lax.slice_in_dim(x, 0, rows * n_part, axis=1)
+    x = x.astype(jnp.float32).reshape(b, n_part, rows, w, c)
     return jnp.mean(x, axis=(2, 3))
 
 
@@ -45,7 +50,8 @@ def slim_avgpool(x: jnp.ndarray) -> jnp.ndarray:
             f"the DAL MobileNet head (slim AvgPool_1a, kernel {kh}x{kw}, stride 2, VALID) gives a "
             f"{oh}x{ow} map on a {h}x{w} feature map; it needs a map of at most 8x8, i.e. images "
             f"of at most 256x256")
-    return jnp.mean(x[:, :kh, :kw].astype(jnp.float32), axis=(1, 2))[:, None, :]
+    window = lax.slice_in_dim(lax.slice_in_dim(x, 0, kh, axis=1), 0, kw, axis=2)
+    return jnp.mean(window.astype(jnp.float32), axis=(1, 2))[:, None, :]
 
 
 class DALHead(nn.Module):
@@ -121,11 +127,12 @@ class _Relation(nn.Module):
         g = reduce(whole, "global")  # [B, 1, 1, 256]
         outputs = []
         for i in range(self.n_part):
-            p = reduce(parts[:, i], f"part_{i}")  # [B, 1, 1, 256]
+            p = reduce(lax.index_in_dim(parts, i, axis=1, keepdims=False),
+                       f"part_{i}")  # [B, 1, 1, 256]
             r = ConvBN(GAM_DIM, 1, activation=nn.relu6, kernel_init=self.kernel_init,
                        bn_decay=self.bn_decay, bn_epsilon=self.bn_epsilon,
                        bn_track_stats=self.train_relation, dtype=self.dtype,
                        conv_impl=self.conv_impl,
                        name=f"relation_{i}")(jnp.concatenate([p, g], axis=-1), train)
-            outputs.append((r + g).astype(jnp.float32)[:, 0, 0, :])  # [B, 256]
+            outputs.append(lax.squeeze((r + g).astype(jnp.float32), (1, 2)))  # [B, 256]
         return jnp.stack(outputs, axis=1)  # [B, P, 256]

@@ -11,6 +11,7 @@ from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from upm_jax.models.layers import ConvBN
 
@@ -46,7 +47,10 @@ class Bottleneck(nn.Module):
         common = dict(kernel_init=kernel_init(), bn_decay=self.bn_decay, bn_epsilon=BN_EPSILON,
                       dtype=self.dtype, conv_impl=self.conv_impl)
         if x.shape[-1] == self.depth:
-            shortcut = x[:, :: self.stride, :: self.stride, :]  # slim subsample (1x1 max pool)
+            # slim subsample (1x1 max pool): x[:, ::stride, ::stride], as a lax slice (no
+            # gather under a symbolic batch size: see models.heads)
+            shortcut = lax.slice_in_dim(lax.slice_in_dim(x, 0, None, self.stride, axis=1),
+                                        0, None, self.stride, axis=2)
         else:
             shortcut = ConvBN(self.depth, 1, stride=self.stride, name="shortcut",
                               **common)(x, train)

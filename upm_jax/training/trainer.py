@@ -24,6 +24,7 @@ from upm_jax import interrupts
 from upm_jax import methods
 from upm_jax import models
 from upm_jax import parallel
+from upm_jax import progress
 from upm_jax.progress import say
 from upm_jax.training import metrics as metrics_lib
 from upm_jax.training import optim
@@ -270,7 +271,12 @@ def _train_loop(config, trainer, checkpoints, writer, start, where):
     done, together = start, True
     with interrupts.deferred() as stop:
         for step, batch in zip(range(start, total), trainer.batches(start)):
-            pending.append((step, trainer.step(batch)))
+            if step == start:   # the call that compiles the step; the rate counts from after it
+                with progress.compiling(bar, "the training step"):
+                    pending.append((step, trainer.step(batch)))
+                last_time = time.perf_counter()
+            else:
+                pending.append((step, trainer.step(batch)))
             done = step + 1
             stopping = stop.requested(done)
             save = done % config.train.checkpoint_every == 0 or done == total or stopping
