@@ -66,8 +66,8 @@ def write_v1(path: str, values: Dict[str, np.ndarray]) -> None:
 def moving_stats(values: Dict[str, np.ndarray], scope: str) -> Dict[str, np.ndarray]:
     """Flax batch_stats paths ('backbone/.../BatchNorm/mean|var') -> the checkpoint's moving stats.
 
-    Written independently of the porter's rule table (plain string edits), so the equivalence
-    tests put the same moving statistics into both implementations directly.
+    Written independently of the porter's rule table (plain string edits): the equivalence
+    tests check the ported file's statistics against it.
     """
     out = {}
     for name, value in values.items():
@@ -91,24 +91,17 @@ def port_weights_cli(argv) -> int:
     return main(argv)
 
 
-def run_ported(backbone, scope, values, weights_path, images, conv_impl="auto"):
-    """Our DAL model with the ported weights and the checkpoint's own moving statistics
-    (set directly, since the port deliberately skips them): (features, endpoints).
+def run_ported(backbone, weights_path, images, conv_impl="auto"):
+    """Our DAL model with the ported file's weights and moving statistics, in inference mode
+    (as the untrained network's features are extracted): (features, endpoints).
     `conv_impl`: the model's convolution formulation ('auto': on this CPU the taps and
     matrix products; 'xla': XLA's convolution, what GPUs and TPUs run)."""
     import jax
-    from flax import traverse_util
 
     from upm_jax.models import build_model, load_pretrained
 
     model = build_model(backbone, "dal", conv_impl=conv_impl)
     variables = model.init(jax.random.key(0), images[:1], train=False)
-    variables = load_pretrained(variables, weights_path)
-    stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
-    for path, value in moving_stats(values, scope).items():
-        assert stats[path].shape == value.shape, path
-        stats[path] = value
-    variables = {"params": variables["params"],
-                 "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
+    variables = load_pretrained(variables, weights_path, backbone, moving_stats=True)
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False, return_endpoints=True))
     return fn(variables, images)

@@ -75,6 +75,61 @@ def test_decode_resize_png_and_jpeg(tmp_path):
         images.decode(str(tmp_path / "missing.png"))
 
 
+def _png16(path, samples):
+    """A 16-bit PNG (greyscale [h, w] or RGB [h, w, 3]) written byte by byte (Pillow writes
+    no 16-bit RGB)."""
+    import struct
+    import zlib
+
+    h, w = samples.shape[:2]
+    colour = 2 if samples.ndim == 3 else 0
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data)))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour,
+                                                                      0, 0, 0)) +
+                chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_frames_of_any_bit_depth_and_mode_decode_to_what_they_show(tmp_path):
+    rng = np.random.default_rng(3)
+    grey16 = rng.integers(0, 65536, (6, 4)).astype(np.uint16)
+    _png16(tmp_path / "g16.png", grey16)
+    want = np.rint(grey16 / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(images.decode(str(tmp_path / "g16.png")),
+                                  np.repeat(want[:, :, None], 3, axis=2))
+    rgb16 = rng.integers(0, 65536, (6, 4, 3)).astype(np.uint16)
+    _png16(tmp_path / "rgb16.png", rgb16)
+    got = images.decode(str(tmp_path / "rgb16.png")).astype(int)
+    assert np.abs(got - rgb16 / 257.0).max() <= 1
+    Image.fromarray(grey16).save(tmp_path / "g16.tif")   # TIFF I;16
+    np.testing.assert_array_equal(images.decode(str(tmp_path / "g16.tif"))[:, :, 0], want)
+    rgb = rng.integers(0, 256, (6, 4, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (6, 4, 1)).astype(np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], axis=2)).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(images.decode(str(tmp_path / "rgba.png")), rgb)  # alpha dropped
+    grey = rng.integers(0, 256, (6, 4)).astype(np.uint8)
+    Image.fromarray(np.stack([grey, grey], axis=2), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(images.decode(str(tmp_path / "la.png")),
+                                  np.repeat(grey[:, :, None], 3, axis=2))
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    palette = Image.open(tmp_path / "p.png").convert("RGB")
+    np.testing.assert_array_equal(images.decode(str(tmp_path / "p.png")), np.asarray(palette))
+    Image.fromarray(grey > 127).save(tmp_path / "bits.png")   # 1 bit
+    np.testing.assert_array_equal(images.decode(str(tmp_path / "bits.png"))[:, :, 1],
+                                  np.where(grey > 127, 255, 0))
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    assert np.abs(images.decode(str(tmp_path / "cmyk.jpg")).astype(int) - rgb).mean() < 8
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    with pytest.raises(DatasetError, match=r"float.tif: a floating-point image, whose value "
+                                           r"range the file does not state"):
+        images.decode(str(tmp_path / "float.tif"))
+
+
 def test_batch_indices_is_a_pure_function_of_seed_and_step():
     a = batch_indices(5, 17, 1000, 64)
     assert np.array_equal(a, batch_indices(5, 17, 1000, 64))
@@ -137,11 +192,27 @@ def test_train_batches_mesh_size_and_device_order(ds):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_batches_and_stop(ds):
+def test_worker_processes_give_the_same_batches_and_stop(ds, capfd):
+    """...and ignore the stop signals (Ctrl-C reaches a terminal's whole process group):
+    the trainer decides when they stop, so no reader prints a traceback or dies early."""
     import multiprocessing
+    import signal
+    import time
     mesh = _mesh(2)
-    threads = _train(ds.train, mesh, 3, 9)
-    workers = _train(ds.train, mesh, 3, 9, loading=Loading(workers=2, prefetch=1))
+    threads = _train(ds.train, mesh, 3, 19)
+    batches = train_batches(ds.train, RawFrames(ds.train.path, IMAGE_SIZE), global_batch=16,
+                            seed=11, mesh=mesh, start_step=3, end_step=19,
+                            loading=Loading(workers=2, prefetch=1))
+    workers = [next(batches)]
+    children = [p for p in multiprocessing.active_children() if p.is_alive()]
+    assert len(children) == 2
+    for p in children:
+        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert [p.exitcode for p in children] == [None, None]
+    workers += list(batches)
+    assert "Traceback" not in capfd.readouterr().err
     for x, y in zip(threads, workers, strict=True):
         for k in ("image", "track", "camera"):
             assert np.array_equal(np.asarray(x[k]), np.asarray(y[k]))

@@ -277,7 +277,9 @@ def test_corrupt_image_skip_and_report(prid, tmp_path):
     with open(bad, "wb") as f:
         f.write(b"not a png")
     from upm_jax.data import images
-    with pytest.raises(DatasetError, match=r"cannot decode image .*" + os.path.basename(bad)):
+    with pytest.raises(DatasetError, match=r"cannot decode image .*" + os.path.basename(bad) +
+                       r": cannot identify image file '[^']*'; fix or remove the file, or set "
+                       r"--config.data.skip_corrupt=True"):
         images.decode(bad)
     skipped = load_dataset("prid2011", root, split_file=split_file, skip_corrupt=True)
     assert [p for p, _ in skipped.skipped] == [bad]
@@ -285,6 +287,26 @@ def test_corrupt_image_skip_and_report(prid, tmp_path):
     assert bad not in set(skipped.train.path)
     assert skipped.train.frames_per_tracklet()[2] == ds.train.frames_per_tracklet()[2] - 1
     _check_table_invariants(skipped.train)
+
+
+def test_a_damaged_mars_mat_file_is_named(mars, tmp_path):
+    root = _copy(mars, tmp_path)
+    path = os.path.join(root, "info", "query_IDX.mat")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    with pytest.raises(DatasetError, match=re.escape(path) + r": not a readable MATLAB file, "
+                                           r"truncated or damaged"):
+        load_dataset("mars", root)
+
+
+def test_a_symbolic_link_loop_in_a_dataset_is_named(prid, tmp_path):
+    root = _copy(prid, tmp_path)
+    cam = os.path.join(root, "multi_shot", "cam_a")
+    os.symlink("loop_b", os.path.join(cam, "loop_a"))
+    os.symlink("loop_a", os.path.join(cam, "loop_b"))
+    with pytest.raises(DatasetError, match=re.escape(os.path.join(cam, "loop_a")) +
+                       r": cannot be followed \(Too many levels of symbolic links\); remove"):
+        load_dataset("prid2011", root, split_file=os.path.join(root, "prid2011_splits.json"))
 
 
 def test_inspection_cli(prid, mars, capsys):

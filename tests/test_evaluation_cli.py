@@ -59,7 +59,7 @@ def test_cli_options_and_errors(tmp_path, capsys):
     assert "standard" in table and "paper" not in table
     (tmp_path / "bad.npz").write_bytes(b"nope")
     assert main([str(tmp_path / "bad.npz")]) == 2
-    assert "cannot read as an .npz" in capsys.readouterr().err
+    assert "bad.npz: not a complete .npz archive" in capsys.readouterr().err
 
 
 def test_cli_runs_as_module(tmp_path):
@@ -104,6 +104,48 @@ def test_plot_cmc_several_runs(tmp_path):
     plot_cmc({"a": [10.0, 50.0, 90.0], "b": [20.0, 30.0, 100.0]}, out)
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in tmp_path.iterdir()] == ["c.png"]
+
+
+def test_outputs_into_a_missing_folder_and_a_damaged_file_are_one_line(tmp_path, capsys):
+    a = _small(tmp_path)
+    for flag in ("--json", "--plot", "--montage"):
+        out = tmp_path / "nope" / "out"
+        assert main([str(a), f"{flag}={out}", "--paths", str(a)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (f"error: {flag} {out}: the folder {tmp_path / 'nope'} does not "
+                                "exist\n")
+        assert captured.out == ""   # refused before anything is computed
+    data = bytearray(a.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    a.write_bytes(bytes(data))
+    assert main([str(a)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {a}: member '") and "CRC-32 check fails" in err
+
+
+def test_a_stop_signal_while_writing_leaves_nothing_and_one_line(tmp_path, capsys, monkeypatch):
+    """SIGTERM (or Ctrl-C) mid-write: the JSON file is not written, its temporary is removed,
+    one line says so, and the status is 128 + the signal's number."""
+    import signal
+
+    from upm_jax import interrupts
+    from upm_jax.evaluation import __main__ as cli
+
+    a = _small(tmp_path)
+    out = tmp_path / "r.json"
+
+    def dump_and_stop(obj, f):
+        f.write('{"options": ')
+        os.kill(os.getpid(), signal.SIGTERM)   # the handler raises before the write ends
+        f.write("never written")
+
+    monkeypatch.setattr(cli.json, "dump", dump_and_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    assert interrupts.command(lambda: cli.main([str(a), f"--json={out}"])) == 143
+    assert capsys.readouterr().err == ("stopped by SIGTERM: no file was left half-written; run "
+                                       "the same command again to continue\n")
+    assert sorted(os.listdir(tmp_path)) == ["small.npz"]
+    assert signal.getsignal(signal.SIGTERM) == before   # the handlers come back
 
 
 def test_montage_has_a_key_to_its_frame_colours_and_labels(tmp_path):

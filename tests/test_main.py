@@ -224,3 +224,58 @@ def test_exit_status_contract_of_the_real_command(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: config.train.batch_size=0: expected a number above 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (None, ["--config=configs"], "--config configs: is a folder; give an experiment file in "
+                                 "it, e.g. configs/prid.py"),
+    (None, ["--config", "configs/prid"], "--config configs/prid: no such file; did you mean "
+                                         "configs/prid.py?"),
+    (None, ["--config", "configs/nope.py"], "--config configs/nope.py: no such file"),
+    ("def get_config(arg=None):\n    raise RuntimeError('boom')\n", [],
+     "get_config raised RuntimeError: boom (line 2)"),
+    ("x = 1\n", [], "defines no get_config(arg) function"),
+    ("def get_config(arg=None):\n    return None\n", [],
+     "get_config returned None, expected an ml_collections.ConfigDict"),
+    ("def get_config(arg=None)\n    return 1\n", [], "line 1: expected ':'"),
+    ("import no_such_module_here\n", [],
+     "the file raised ModuleNotFoundError: No module named 'no_such_module_here' (line 1)"),
+])
+def test_a_config_file_that_gives_no_config_is_one_clear_error(tmp_path, monkeypatch, capsys,
+                                                               content, args, message):
+    monkeypatch.chdir(REPO)
+    if content is not None:
+        (tmp_path / "exp.py").write_text(content)
+        args = [f"--config={tmp_path / 'exp.py'}"]
+    assert cli(*args, f"--workdir={tmp_path / 'w'}") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error: ") == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_backend_this_machine_lacks_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """JAX_PLATFORMS=cuda on a CPU host: JAX fails its backend start with a bare
+    AssertionError (jax 0.10.2)."""
+    import jax
+
+    def no_backend():
+        raise AssertionError()
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setattr(jax, "devices", no_backend)
+    assert cli(f"--config={DEMO}", f"--workdir={tmp_path}") == 2
+    err = capsys.readouterr().err
+    assert ("error: JAX_PLATFORMS=cuda: JAX cannot start that backend on this machine; unset "
+            "JAX_PLATFORMS to use the devices present") in err
+
+
+def test_config_overrides_without_config_apply_to_the_record(monkeypatch):
+    """`--workdir DIR --mode extract --config.data.root=...` (the documented command): the
+    overrides are taken out of absl's flags and kept for the recorded config."""
+    argv, overrides = main_lib._check_config_flags(
+        ["upm_jax.main", "--workdir=w", "--mode=extract", "--config.data.root=/mnt/prid",
+         "--config.eval.batch_size", "8"])
+    assert argv == ["upm_jax.main", "--workdir=w", "--mode=extract"]
+    assert overrides == [("data.root", "/mnt/prid"), ("eval.batch_size", "8")]
+    with pytest.raises(main_lib.UsageError, match="config.data.rot"):
+        main_lib._check_config_flags(["upm_jax.main", "--workdir=w", "--config.data.rot=/x"])

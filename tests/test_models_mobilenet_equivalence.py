@@ -2,7 +2,7 @@
 
 The checkpoint has exactly the real file's names, shapes and format (TF ``SaveV2`` bundle,
 EMA and RMSProp slots included). Our side: TF-free reader -> python -m upm_jax.porting ->
-load_pretrained, plus the moving statistics set directly from the same values.
+load_pretrained with the file's weights and BatchNorm moving statistics.
 
 References, with the same values (moving statistics included, inference-mode BN):
 - 224x224 and 256x128: ``keras.applications.MobileNet(weights=None, include_top=False)``.
@@ -87,9 +87,9 @@ def _raw_tf_reference(values, images):
     return out
 
 
-def test_ported_file_restores_weights_and_gamma_beta_only(ported):
+def test_ported_file_holds_weights_gamma_beta_and_moving_statistics(ported):
     values, out = ported
-    params, meta = load_weights(out)
+    params, stats, meta = load_weights(out)
     assert meta["backbone"] == "mobilenet_v1"
     assert len(params) == 81
     np.testing.assert_array_equal(params["backbone/Conv2d_5_depthwise/depthwise_kernel"],
@@ -97,6 +97,11 @@ def test_ported_file_restores_weights_and_gamma_beta_only(ported):
     np.testing.assert_array_equal(params["backbone/Conv2d_0/BatchNorm/bias"],
                                   values["MobilenetV1/Conv2d_0/BatchNorm/beta"])
     assert not any("mean" in k or "var" in k or "Logits" in k for k in params)
+    # the moving statistics, as a separate group, are the checkpoint's (an independent map)
+    want = syn.moving_stats(values, "MobilenetV1")
+    assert sorted(stats) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(stats[path], value, err_msg=path)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +133,10 @@ def references(ported):
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_mobilenet_matches_reference(ported, references, size, conv_impl):
     """Both formulations of the convolutions: 'auto' (this CPU's) and 'xla' (GPU/TPU's)."""
-    values, out = ported
+    _, out = ported
     images, ref, ref_dal = references(size)
     odd = size[0] % 2 or size[1] % 2
-    feats, endpoints = syn.run_ported("mobilenet_v1", "MobilenetV1", values, out, images,
-                                      conv_impl=conv_impl)
+    feats, endpoints = syn.run_ported("mobilenet_v1", out, images, conv_impl=conv_impl)
     errors = {name: syn.rel_err(endpoints[name], want) for name, want in ref.items()}
     errors["AvgPool_1a"] = syn.rel_err(np.asarray(feats)[:, :, None, :], ref_dal)
     assert len(errors) == 28

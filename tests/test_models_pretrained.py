@@ -80,7 +80,8 @@ def test_missing_and_corrupt_files_are_named(setup, tmp_path):
         load_pretrained(variables, missing)
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
-    with pytest.raises(WeightsFileError, match=f"cannot read pretrained weights file {corrupt}"):
+    with pytest.raises(WeightsFileError,
+                       match=f"pretrained weights file {corrupt}: not a complete .npz archive"):
         load_pretrained(variables, str(corrupt))
     plain = tmp_path / "plain.npz"
     np.savez(plain, x=np.zeros(3))
@@ -119,3 +120,75 @@ def test_metadata_naming_another_backbone_is_refused(setup, tmp_path):
     with pytest.raises(PretrainedMismatchError,
                        match="for backbone 'resnet_v1_50'.*model's backbone is 'mobilenet_v1'"):
         load_pretrained(variables, path, backbone="mobilenet_v1")
+
+
+def _stats(variables, seed=1):
+    rng = np.random.default_rng(seed)
+    return {"backbone/" + k: rng.uniform(0.5, 2.0, v.shape).astype(np.float32) for k, v in
+            traverse_util.flatten_dict(variables["batch_stats"]["backbone"], sep="/").items()}
+
+
+def test_moving_statistics_are_a_separate_group_used_only_when_asked(setup, tmp_path):
+    _, variables, weights = setup
+    stats = _stats(variables)
+    path = str(tmp_path / "w.npz")
+    save_weights(path, weights, backbone="mobilenet_v1", source="test", stats=stats)
+    training = load_pretrained(variables, path)   # the training graph starts from 0/1
+    jax.tree.map(np.testing.assert_array_equal, training["batch_stats"], variables["batch_stats"])
+    inference = load_pretrained(variables, path, moving_stats=True)
+    got = traverse_util.flatten_dict(inference["batch_stats"]["backbone"], sep="/")
+    assert len(got) == len(stats) == 54   # mean and var of MobileNet's 27 BatchNorms
+    for k, v in got.items():
+        np.testing.assert_array_equal(np.asarray(v), stats["backbone/" + k])
+    jax.tree.map(np.testing.assert_array_equal, inference["params"], training["params"])
+
+    old = str(tmp_path / "old.npz")   # ported before the statistics were kept
+    save_weights(old, weights, backbone="mobilenet_v1", source="test")
+    load_pretrained(variables, old)   # still fine for training
+    with pytest.raises(WeightsFileError, match=r"old.npz holds no BatchNorm moving statistics"
+                                               r".*port the checkpoint again"):
+        load_pretrained(variables, old, moving_stats=True)
+    partial = dict(stats)
+    del partial["backbone/Conv2d_3_pointwise/BatchNorm/var"]
+    save_weights(path, weights, backbone="mobilenet_v1", source="test", stats=partial)
+    with pytest.raises(PretrainedMismatchError,
+                       match=r"moving statistics .* 1 missing(.|\n)*missing: +batch_stats/backbone/"
+                             r"Conv2d_3_pointwise/BatchNorm/var"):
+        load_pretrained(variables, path, moving_stats=True)
+
+
+def test_runs_needing_the_statistics_refuse_an_old_file_before_any_work(setup, tmp_path):
+    from repo_configs import get_config
+    from upm_jax.config import ConfigError, check_weights
+
+    _, variables, weights = setup
+    old = str(tmp_path / "old.npz")
+    save_weights(old, weights, backbone="mobilenet_v1", source="test")
+    config = get_config("prid")
+    config.model.pretrained = old
+    config.eval.initial = False
+    check_weights(config, initial_features=True)   # training alone needs no statistics
+    config.eval.initial = True
+    check_weights(config, initial_features=False)   # --mode train extracts no initial features
+    with pytest.raises(ConfigError, match=r"old.npz' holds no BatchNorm moving statistics.*"
+                                          r"config.eval.initial need"):
+        check_weights(config, initial_features=True)
+    config.eval.initial = False
+    config.train.anchor_init = "features"
+    with pytest.raises(ConfigError, match="config.train.anchor_init='features' need"):
+        check_weights(config, initial_features=False)
+    save_weights(old, weights, backbone="mobilenet_v1", source="test", stats=_stats(variables))
+    check_weights(config, initial_features=True)
+
+
+def test_a_flipped_bit_in_the_weights_file_is_named(setup, tmp_path):
+    _, variables, weights = setup
+    path = tmp_path / "w.npz"
+    save_weights(str(path), weights, backbone="mobilenet_v1", source="test",
+                 stats=_stats(variables))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=rf"{path}: member '.+\.npy' is damaged \(its "
+                                               r"CRC-32 check fails\); port the checkpoint"):
+        load_pretrained(variables, str(path))

@@ -1,8 +1,8 @@
 """ResNet-50 v1 equivalence with tf_slim's resnet_v1_50 on a synthetic V1 checkpoint.
 
 The checkpoint has exactly the real file's names, shapes and format (TF legacy ``Save``,
-V1 TensorSlice). Our side: TF-free reader -> python -m upm_jax.porting -> load_pretrained, plus
-the moving statistics set directly from the same values. Reference side: tf_slim's
+V1 TensorSlice). Our side: TF-free reader -> python -m upm_jax.porting -> load_pretrained with
+the file's weights and BatchNorm moving statistics. Reference side: tf_slim's
 ``resnet_v1_50`` (graph mode, is_training=False, global_pool=True) restored from the same file
 by TF's own Saver. Metric: relative error max|ours - ref| / max|ref| per endpoint.
 
@@ -63,9 +63,9 @@ def _slim_reference(ckpt, images):
             return sess.run(fetch, {x: images})
 
 
-def test_ported_file_restores_weights_and_gamma_beta_only(ported):
+def test_ported_file_holds_weights_gamma_beta_and_moving_statistics(ported):
     values, _, out = ported
-    params, meta = load_weights(out)
+    params, stats, meta = load_weights(out)
     assert meta["backbone"] == "resnet_v1_50"
     assert len(params) == 159
     np.testing.assert_array_equal(params["backbone/block2/unit_4/conv2/kernel"],
@@ -74,6 +74,11 @@ def test_ported_file_restores_weights_and_gamma_beta_only(ported):
         params["backbone/block1/unit_1/shortcut/BatchNorm/scale"],
         values["resnet_v1_50/block1/unit_1/bottleneck_v1/shortcut/BatchNorm/gamma"])
     assert not any("mean" in k or "var" in k or "logits" in k for k in params)
+    # the moving statistics, as a separate group, are the checkpoint's (an independent map)
+    want = syn.moving_stats(values, "resnet_v1_50")
+    assert sorted(stats) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(stats[path], value, err_msg=path)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +101,9 @@ def references(ported):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_resnet_matches_tf_slim(ported, references, size, conv_impl):
     """Both formulations of the convolutions: 'auto' (this CPU's) and 'xla' (GPU/TPU's)."""
-    values, ckpt, out = ported
+    _, _, out = ported
     images, ref = references(size)
-    feats, endpoints = syn.run_ported("resnet_v1_50", "resnet_v1_50", values, out, images,
-                                      conv_impl=conv_impl)
+    feats, endpoints = syn.run_ported("resnet_v1_50", out, images, conv_impl=conv_impl)
     errors = {}
     for name, want in ref.items():
         if name == "pool5":

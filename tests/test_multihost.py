@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +51,9 @@ def _env(devices, **extra):
     return env
 
 
-def _start(workdir, env, log_path):
+def _start(workdir, env, log_path, args=DEMO):
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "upm_jax.main", *DEMO, f"--workdir={workdir}"],
+    proc = subprocess.Popen([sys.executable, "-m", "upm_jax.main", *args, f"--workdir={workdir}"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log.close()
@@ -147,6 +148,84 @@ def test_two_processes_equal_one_process_with_two_devices(runs):
     assert sorted(os.listdir(os.path.join(multi, "split_1", "lam", "checkpoints"))) == ["12", "24"]
 
 
+# A run much longer than the test, stopped from outside once it trains.
+LONG = [*DEMO[:3], "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+        "--config.train.log_every=2", DEMO[4], *DEMO[7:], "--mode=train"]
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Two 2-process runs side by side: process 1 of one gets SIGTERM, process 1 of the
+    other SIGKILL, once each trains; {name: (returncodes, seconds to end, log texts)}."""
+    root = tmp_path_factory.mktemp("stopped")
+    pairs = {}
+    # process 0 hosts JAX's coordination service: its death ends the others through JAX
+    # itself (see docs/reliability.md), so process 1 is the one stopped
+    for name in ("sigterm", "sigkill"):
+        address = f"127.0.0.1:{_free_port()}"
+        pairs[name] = [_start(str(root / name), _env(1, JAX_COORDINATOR_ADDRESS=address,
+                                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              root / f"{name}_{i}.log", LONG) for i in range(2)]
+    signals = {"sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
+    sent, ended = {}, {}
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while len(ended) < 2 * len(pairs):
+            assert time.monotonic() < deadline, f"the runs did not end: {sent}, {ended}"
+            for name, procs in pairs.items():
+                metrics = root / name / "split_1" / "lam" / "metrics.jsonl"
+                training = metrics.exists() and metrics.stat().st_size > 0   # a step logged
+                if name not in sent and (training or any(p.poll() is not None for p in procs)):
+                    procs[1].send_signal(signals[name])
+                    sent[name] = time.monotonic()
+                for i, proc in enumerate(procs):
+                    if (name, i) not in ended and proc.poll() is not None:
+                        ended[name, i] = time.monotonic() - sent.get(name, 0.0)
+            time.sleep(0.05)
+    finally:
+        for procs in pairs.values():
+            for proc in procs:
+                _stop(proc)
+    return {"root": root, **{name: ([p.returncode for p in procs], [ended[name, i] for i in
+                                                                    range(2)],
+                                    [(root / f"{name}_{i}.log").read_text() for i in range(2)])
+                             for name, procs in pairs.items()}}
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "split_1", "lam",
+                                                          "checkpoints")) if s.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_ends_both(stopped):
+    codes, _, logs = stopped["sigterm"]
+    assert codes == [143, 143], logs
+    lines = [[line for line in log.splitlines() if line.startswith("stopped by")] for log in logs]
+    assert all(len(found) == 1 for found in lines), logs
+    assert lines[0] == lines[1]
+    step = int(lines[0][0].split("checkpoint of step ")[1].split()[0])
+    assert step >= 2   # signalled after the first logged step
+    workdir = str(stopped["root"] / "sigterm")
+    assert _checkpoint_steps(workdir) == [step]
+    checkpoints = checkpoints_lib.Checkpoints(os.path.join(workdir, "split_1", "lam",
+                                                           "checkpoints"), read_only=True)
+    checkpoints.verify(step)   # committed whole, with its checksums
+    checkpoints.close()
+    assert not any("Traceback" in log for log in logs)
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_other_within_seconds_with_one_line(stopped):
+    codes, seconds, logs = stopped["sigkill"]
+    assert codes == [1, -signal.SIGKILL], logs[0][-3000:]
+    assert seconds[0] < 3 * parallel.HEARTBEAT_TIMEOUT_S, seconds
+    errors = [line for line in logs[0].replace("\r", "\n").splitlines() if "error: " in line]
+    assert len(errors) == 1, logs[0][-3000:]
+    assert "stopped without a word (killed or crashed" in errors[0]
+    assert "Traceback" not in logs[0] and "Check failure" not in logs[0]
+
+
 def test_launcher_detection():
     assert parallel.detect_launcher({}) is None
     assert parallel.detect_launcher({"JAX_NUM_PROCESSES": "2"}) == "jax"
@@ -184,12 +263,16 @@ def test_initialize_passes_the_jax_variables(monkeypatch):
     env = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
            "SLURM_STEP_NUM_TASKS": "2"}
     assert parallel.initialize("auto", environ=env, timeout_s=7) is True
+    heartbeat = parallel.HEARTBEAT_TIMEOUT_S
     assert calls == [{"coordinator_address": address, "num_processes": 2, "process_id": 0,
-                      "cluster_detection_method": "deactivate", "initialization_timeout": 7}]
+                      "cluster_detection_method": "deactivate", "initialization_timeout": 7,
+                      "heartbeat_timeout_seconds": heartbeat}]
     assert jax.config.jax_cpu_collectives_implementation == "gloo"
+    assert jax.config.jax_enable_recoverability   # a lost process is ours to report
     calls.clear()
     assert parallel.initialize("auto", environ={"OMPI_COMM_WORLD_SIZE": "2"}) is True
-    assert calls == [{"initialization_timeout": 300}]  # JAX detects Open MPI itself
+    # JAX detects Open MPI itself
+    assert calls == [{"initialization_timeout": 300, "heartbeat_timeout_seconds": heartbeat}]
 
 
 def test_unreachable_or_busy_coordinator_is_a_clear_error():

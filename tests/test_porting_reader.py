@@ -110,28 +110,37 @@ def test_corrupt_and_missing_files_are_named(written, tmp_path):
 
 
 def _flax_backbone_shapes(backbone):
+    """{path: shape} of the model's backbone params and (under batch_stats/) BN statistics."""
     model = build_model(backbone, "dal")
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 112, 3))))
-    return {"backbone/" + k: v.shape for k, v in
-            traverse_util.flatten_dict(shapes["params"]["backbone"], sep="/").items()}
+    out = {}
+    for collection, prefix in (("params", ""), ("batch_stats", "batch_stats/")):
+        out.update({f"{prefix}backbone/" + k: v.shape for k, v in
+                    traverse_util.flatten_dict(shapes[collection]["backbone"], sep="/").items()})
+    return out
 
 
-@pytest.mark.parametrize("backbone,counts", [("mobilenet_v1", (441, 81, 360)),
-                                             ("resnet_v1_50", (269, 159, 110))])
+@pytest.mark.parametrize("backbone,counts", [("mobilenet_v1", (441, 81, 54, 306)),
+                                             ("resnet_v1_50", (269, 159, 106, 4))])
 def test_rule_table_covers_golden_listing(backbone, counts):
-    """Every real checkpoint entry is consumed, and every Flax backbone leaf is produced."""
+    """Every real checkpoint entry is consumed, and every Flax backbone leaf (params and BN
+    moving statistics) is produced."""
     listing = syn.read_listing(backbone)
     p = plan(listing)
     assert p.backbone == backbone == detect_backbone(listing)
-    assert (len(listing), len(p.restore), len(p.skip)) == counts
+    stats = {n for n, target in p.restore.items() if target.startswith("batch_stats/")}
+    assert (len(listing), len(p.restore) - len(stats), len(stats), len(p.skip)) == counts
     assert set(p.restore) | set(p.skip) == set(listing)
     produced = {target: listing[name][0] for name, target in p.restore.items()}
     assert produced == _flax_backbone_shapes(backbone)
-    # Only conv weights and BN gamma/beta are restored; never moving stats or classifiers.
-    for name in p.restore:
+    # Params: conv weights and BN gamma/beta only; the moving statistics go to their own
+    # group; never classifiers, optimiser slots or EMA shadows.
+    for name in set(p.restore) - stats:
         assert name.endswith(("weights", "/gamma", "/beta")), name
+    for name in stats:
+        assert name.endswith(("/moving_mean", "/moving_variance")), name
     for name in listing:
-        if any(s in name for s in ("moving_", "ogits", "RMSProp", "ExponentialMovingAverage",
+        if any(s in name for s in ("ogits", "RMSProp", "ExponentialMovingAverage",
                                    "global_step", "mean_rgb")):
             assert name in p.skip, name
 

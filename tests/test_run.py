@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.io
 
-from repo_configs import get_config
+from repo_configs import tiny_config
 from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import config as config_lib
 from upm_jax import data as data_lib
@@ -28,22 +28,6 @@ from upm_jax.data import eval_set as eval_set_lib
 from upm_jax.data import synthetic
 from upm_jax.training import trainer as trainer_lib
 from upm_jax.workdir import Workdir
-
-
-def tiny_config(**overrides):
-    config = get_config("demo")
-    config.data.synthetic_ids = 8
-    config.data.image_size = 64
-    config.train.batch_size = 16
-    config.train.steps = 2
-    config.train.checkpoint_every = 2
-    config.train.log_every = 1
-    config.eval.batch_size = 64
-    config.eval.initial = False
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        config[section][field] = value
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +47,10 @@ def trained(tmp_path_factory):
 
 @pytest.fixture
 def copy_of_trained(trained, tmp_path):
+    """A copy of the trained workdir elsewhere: its record (paths relative to the workdir)
+    serves it as is."""
     workdir = str(tmp_path / "w")
     shutil.copytree(trained[0], workdir)
-    # the recorded paths point into the original: record the copy's own
-    record = json.load(open(os.path.join(workdir, "config.json")))
-    for section, field in (("data", "root"), ("data", "split_file")):
-        record[section][field] = record[section][field].replace(trained[0], workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(record, f)
     return workdir
 
 
@@ -128,11 +108,34 @@ def test_pooled_feature_files_evaluate_like_frame_files(copy_of_trained):
         assert results["mean"][mode]["mAP"] == pytest.approx(frame_level[mode]["mAP"], abs=1e-4)
 
 
-def test_the_record_holds_resolved_paths(trained):
+def test_the_record_holds_paths_relative_to_the_workdir(trained, tmp_path):
     workdir, _ = trained
     record = json.load(open(os.path.join(workdir, "config.json")))
-    assert record["data"]["root"] == os.path.join(os.path.abspath(workdir), "synthetic_prid2011")
-    assert "{workdir}" not in json.dumps(record)
+    assert record["data"]["root"] == "{workdir}/synthetic_prid2011"
+    assert record["checksum"].startswith("sha256:")
+    assert Workdir(workdir).read_record().data.root == os.path.join(
+        os.path.abspath(workdir), "synthetic_prid2011")
+    moved = str(tmp_path / "moved")
+    shutil.copy(os.path.join(workdir, "config.json"), tmp_path)
+    os.makedirs(moved)
+    shutil.move(str(tmp_path / "config.json"), moved)
+    read = Workdir(moved).read_record()
+    assert read.data.root == os.path.join(moved, "synthetic_prid2011")
+    assert read.data.split_file == os.path.join(moved, "synthetic_prid2011",
+                                                "prid2011_splits.json")
+    # a path outside the workdir is recorded as it is
+    config = read.copy_and_resolve_references()
+    config.data.root = str(tmp_path / "elsewhere")
+    Workdir(moved).write_record(config)
+    assert Workdir(moved).read_record().data.root == str(tmp_path / "elsewhere")
+    # a prepared set's folder is a path like the others; a URL is kept as written
+    config.data.data_dir = os.path.join(moved, "prepared")
+    Workdir(moved).write_record(config)
+    recorded = json.load(open(os.path.join(moved, "config.json")))["data"]["data_dir"]
+    assert recorded == "{workdir}/prepared"
+    config.data.data_dir = "gs://bucket/prepared"
+    Workdir(moved).write_record(config)
+    assert Workdir(moved).read_record().data.data_dir == "gs://bucket/prepared"
 
 
 @pytest.mark.slow
@@ -341,6 +344,98 @@ def test_default_workdir_names_the_config_and_its_overrides():
         "runs", "prid_split=3_backbone=resnet_v1_50_train.steps=100")
     assert workdir_lib.default_workdir("configs/demo.py", ["data.root=/a b"]) == os.path.join(
         "runs", "demo_data.root=-a-b")
+
+
+def test_frames_too_small_for_the_parts_are_refused_before_the_record(tmp_path):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config.data.image_size=32 \(32x16 frames\) does not fit the local "
+                             r"model .*n_part=2\): cannot cut a feature map of height 1 into "
+                             r"n_part=2 stripes"):
+        run.run(tiny_config(data__image_size=32), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: "[1, 2]", r"holds a JSON list, not the recorded config"),
+    (lambda text: text.replace('"steps": 2', '"steps": 3'),
+     r"its content does not match its checksum \(the file was damaged or edited by hand\)"),
+    (lambda text: text[:len(text) // 2], r"cannot read the workdir's recorded config"),
+])
+def test_a_damaged_record_is_refused_naming_it(tmp_path, damage, message):
+    workdir = Workdir(str(tmp_path))
+    workdir.write_record(workdir.resolve(tiny_config()))
+    text = open(workdir.record).read()
+    open(workdir.record, "w").write(damage(text))
+    with pytest.raises(workdir_lib.WorkdirError, match=re.escape(workdir.record) + ": " + message):
+        run.run(None, str(tmp_path), mode="evaluate")
+    # --config with --overwrite records a new one over the damage
+    config = workdir.open_record(tiny_config(), mode="train", overwrite=True, say=lambda m: None)
+    assert Workdir(str(tmp_path)).read_record().to_dict() == config.to_dict()
+
+
+def test_a_record_with_values_of_the_wrong_type_names_the_field(tmp_path):
+    """A record written by hand (or an older tool) without a checksum is still checked."""
+    workdir = Workdir(str(tmp_path))
+    record = tiny_config().to_dict()
+    record["train"]["steps"] = "many"
+    with open(workdir.record, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=re.escape(workdir.record) + r": 'train.steps' is 'many' \(str\), "
+                                                         "expected int"):
+        run.run(None, str(tmp_path), mode="evaluate")
+
+
+@pytest.mark.slow
+def test_a_moved_workdir_with_the_documented_extract_command_stays_inside_itself(
+        trained, tmp_path, capsys):
+    """`mv` a workdir, then `--workdir NEW --mode extract --config.data.root=...` (the
+    command the docs and the missing-frames error give): it reads and writes only inside
+    NEW, and temporary files a killed run left there are removed."""
+    from upm_jax import main as main_lib
+
+    old = str(tmp_path / "old")
+    shutil.copytree(trained[0], old)
+    new = str(tmp_path / "new")
+    os.rename(old, new)
+    data = str(tmp_path / "data")
+    shutil.move(os.path.join(new, "synthetic_prid2011"), data)
+    left = os.path.join(new, "split_1", "lam", ".tmp-killed.npz")
+    open(left, "wb").write(b"half")
+    os.remove(os.path.join(new, "split_1", "lam", "features.npz"))
+    assert main_lib.cli(["upm_jax.main", f"--workdir={new}", "--mode=extract",
+                         f"--config.data.root={data}"]) == 0
+    assert "removed 1 temporary file(s) an interrupted run left" in capsys.readouterr().err
+    assert not os.path.exists(old) and not os.path.exists(left)
+    assert sorted(os.listdir(tmp_path)) == ["data", "new"]
+    np.testing.assert_array_equal(
+        np.load(os.path.join(new, "split_1", "lam", "features.npz"))["frame_feat"],
+        np.load(os.path.join(trained[0], "split_1", "lam", "features.npz"))["frame_feat"])
+
+
+@pytest.mark.slow
+def test_a_damaged_test_set_or_checkpoint_is_named_and_never_used(copy_of_trained):
+    workdir = copy_of_trained
+    split = Workdir(workdir).split(1)
+    features = os.path.join(split.path, "lam", "features.npz")
+    before = open(features, "rb").read()
+    test_set = open(split.eval_set, "rb").read()
+    open(split.eval_set, "wb").write(test_set[:-40])   # truncated
+    with pytest.raises(run.data_lib.DatasetError,
+                       match=re.escape(split.eval_set) + ": not a complete .npz archive"):
+        run.run(None, workdir, mode="extract")
+    open(split.eval_set, "wb").write(test_set)
+    item = os.path.join(split.path, "lam", "checkpoints", "2", "default")
+    data = max((os.path.join(r, n) for r, _, ns in os.walk(os.path.join(item, "ocdbt.process_0"))
+                for n in ns), key=os.path.getsize)
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01   # one bit
+    open(data, "wb").write(bytes(raw))
+    with pytest.raises(checkpoints_lib.CheckpointError,
+                       match=r"checkpoints/2 is damaged: default/" +
+                             re.escape(os.path.relpath(data, item)) + " is damaged"):
+        run.run(None, workdir, mode="extract")
+    assert open(features, "rb").read() == before   # nothing written from it
 
 
 @pytest.mark.slow

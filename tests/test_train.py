@@ -1,4 +1,6 @@
 """Train state and the jitted data-parallel step: device-count invariance, frozen scopes, EMA, forms."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -336,8 +338,13 @@ def test_create_train_state_loads_pretrained_backbone(tmp_path):
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image, 3))))
     flat = {"/".join(str(k.key) for k in path): np.full(leaf.shape, 0.01 * (i + 1), np.float32)
             for i, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(shapes["params"]["backbone"]))}
+    stats = {"backbone/" + "/".join(str(k.key) for k in path): np.full(leaf.shape, 0.5 + 0.01 * i,
+                                                                       np.float32)
+             for i, (path, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(
+                 shapes["batch_stats"]["backbone"]))}
     path = str(tmp_path / "weights.npz")
-    save_weights(path, {"backbone/" + k: v for k, v in flat.items()}, backbone="mobilenet_v1", source="test")
+    save_weights(path, {"backbone/" + k: v for k, v in flat.items()}, backbone="mobilenet_v1",
+                 source="test", stats=stats)
     tx = optim.make_optimizer("rmsprop")
     memory = AnchorMemory.zeros(SIZES, 2, model.feature_dim)
     state = state_lib.create_train_state(model, jax.random.PRNGKey(1), image_shape=image, tx=tx, memory=memory,
@@ -348,16 +355,22 @@ def test_create_train_state_loads_pretrained_backbone(tmp_path):
         assert got.keys() == flat.keys()
         for k in flat:
             np.testing.assert_array_equal(got[k], flat[k], err_msg=k)
-    # BN moving statistics are not in the file: they stay at 0 / 1
-    stats = state.batch_stats["backbone"]["Conv2d_0"]["BatchNorm"]
-    assert not np.any(np.asarray(stats["mean"])) and np.all(np.asarray(stats["var"]) == 1)
+    # the training graph starts from BN moving statistics 0 / 1, as the originals did
+    start = state.batch_stats["backbone"]["Conv2d_0"]["BatchNorm"]
+    assert not np.any(np.asarray(start["mean"])) and np.all(np.asarray(start["var"]) == 1)
     assert set(state.frozen_params["head"]) == {"Logits"}
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
     # the same variables for the untrained network's features: replicated, usable by a jit
     # over all 8 devices (this once failed with "incompatible devices")
     variables = state_lib.init_variables(model, jax.random.PRNGKey(1), image_shape=image, mesh=mesh,
-                                     pretrained=path)
+                                     pretrained=path, inference=True)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(variables))
+    # ... which run in inference mode, with the file's moving statistics
+    got = {"backbone/" + "/".join(str(k.key) for k in p): np.asarray(v)
+           for p, v in jax.tree_util.tree_leaves_with_path(variables["batch_stats"]["backbone"])}
+    assert got.keys() == stats.keys()
+    for k in stats:
+        np.testing.assert_array_equal(got[k], stats[k], err_msg=k)
     from upm_jax import extract as extract_lib
     images = parallel.global_batch({"x": np.zeros((8, *image, 3), np.uint8)}, mesh)["x"]
     feats = extract_lib.make_feature_fn(model, mesh)(variables, images)
@@ -388,3 +401,75 @@ def test_trainer_factory_uses_the_config_hyper_parameters():
     assert int(trainer.schedule.cross_start) == trainer.cross_start
     assert trainer.state.memory.intra.shape == (2, 5, trainer.model.feature_dim)  # [P, T, D]
     assert trainer.image_shape == (64, 32) and trainer.resident is None
+
+
+@pytest.mark.slow
+def test_anchors_from_features_run_the_imagenet_network_with_its_moving_statistics(
+        tmp_path, monkeypatch):
+    """train.anchor_init='features' with ImageNet weights: the first pass runs in inference
+    mode with the file's BatchNorm moving statistics; the training state keeps 0/1."""
+    import types
+
+    from repo_configs import get_config
+    from upm_jax.data import FrameTable
+    from upm_jax.porting.weights_file import save_weights
+    from upm_jax.training import trainer as trainer_lib
+
+    config = get_config("demo")
+    config.data.image_size = 64
+    config.train.batch_size = 8
+    config.train.anchor_init = "features"
+    model = trainer_lib.methods.build_model(config, "local")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 32, 3))))
+    flat = lambda tree: {"backbone/" + "/".join(str(k.key) for k in p): leaf
+                         for p, leaf in jax.tree_util.tree_leaves_with_path(tree["backbone"])}
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in flat(shapes["params"]).items()}
+    stats = {k: rng.uniform(0.5, 2, v.shape).astype(np.float32)
+             for k, v in flat(shapes["batch_stats"]).items()}
+    config.model.pretrained = str(tmp_path / "w.npz")
+    save_weights(config.model.pretrained, params, backbone="mobilenet_v1", source="test",
+                 stats=stats)
+    tracklet = np.repeat(np.arange(4), 2).astype(np.int32)
+    table = FrameTable(path=np.asarray([f"f{i}.png" for i in range(8)]), tracklet=tracklet,
+                       frame=np.tile(np.arange(2), 4).astype(np.int32),
+                       tracklet_camera=np.asarray([0, 0, 1, 1], np.int32),
+                       tracklet_pid=np.arange(1, 5, dtype=np.int32),
+                       tracklet_index=np.asarray([0, 1, 0, 1], np.int32), num_cameras=2)
+    mesh = parallel.make_mesh()
+    trainer = trainer_lib.make_trainer(config, "local", table, mesh)
+    seen = {}
+
+    def first_pass(model, variables, frames, **kwargs):
+        seen.update(flat(jax.device_get(variables["batch_stats"])))
+        return np.ones((table.num_frames, 2, model.feature_dim), np.float32)
+
+    monkeypatch.setattr(trainer_lib.extract, "extract_frame_features", first_pass)
+    trainer_lib._init_anchors_from_features(config, types.SimpleNamespace(train=table), trainer,
+                                            mesh)
+    assert seen.keys() == stats.keys()
+    for k in stats:
+        np.testing.assert_array_equal(seen[k], stats[k], err_msg=k)
+    start = flat(jax.device_get(trainer.state.batch_stats))
+    assert all(not v.any() for k, v in start.items() if k.endswith("mean"))
+    assert all((v == 1).all() for k, v in start.items() if k.endswith("var"))
+
+
+def test_metrics_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    """A run killed after logging step 5 but checkpointed at 4 logs 5 again on resume; a
+    line cut short by the kill goes too."""
+    from upm_jax.training import metrics as metrics_lib
+
+    path = tmp_path / "metrics.jsonl"
+    writer = metrics_lib.MetricsWriter(str(path), str(tmp_path / "tb"))
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')
+    writer = metrics_lib.MetricsWriter(str(path), str(tmp_path / "tb"), resume_step=4)
+    writer.write(5, {"loss": 50.0})
+    writer.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"step": s, "loss": float(s)} for s in range(1, 5)] + [{"step": 5,
+                                                                           "loss": 50.0}]

@@ -335,3 +335,12 @@ def test_cli_user_errors_exit_2_with_a_message(upm_workdir, tmp_path, capsys, ar
     assert expected in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x.png")
 
+
+
+def test_out_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    from upm_jax.visualize import main
+
+    out = tmp_path / "nope" / "cam.png"
+    assert main(["frame.png", f"--workdir={tmp_path}", f"--out={out}"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out}: the folder {tmp_path / 'nope'} "
+                                       "does not exist\n")

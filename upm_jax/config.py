@@ -141,15 +141,90 @@ def apply_shortcuts(config, arg):
 
 
 def load_config_file(spec):
-    """The ConfigDict of "FILE[:ARG]" (the file's get_config(ARG)), as --config reads it;
-    for tools that take a config without absl's flags."""
+    """The ConfigDict of "FILE[:ARG]" (the file's get_config(ARG)), as --config reads it.
+
+    Every way a file can fail to give a config (missing, a folder, a Python error in it,
+    no get_config, get_config raising or returning something else) is a ConfigError
+    naming the file and the problem; `--config` is checked with it before absl loads it.
+    """
     path, _, arg = spec.partition(":")
+    if os.path.isdir(path):
+        raise ConfigError(f"--config {path}: is a folder; give an experiment file in it, e.g. "
+                          f"{os.path.join(path, 'prid.py')}")
     if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
+        hint = (f"; did you mean {path}.py?" if os.path.isfile(path + ".py") else
+                " (the repository's experiment files are in its configs/ folder)")
+        raise ConfigError(f"--config {path}: no such file{hint}")
     module_spec = importlib.util.spec_from_file_location("upm_jax_config", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config {path}: line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001  (the user's file may raise anything)
+        raise ConfigError(f"--config {path}: the file raised {_where(e, path)}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"--config {path}: defines no get_config(arg) function (an "
+                          "experiment file returns its ConfigDict from get_config)")
+    try:
+        config = get_config(arg or None)
+    except ValueError as e:   # apply_shortcuts: a bad 'key=value' after ':'
+        raise ConfigError(f"--config {spec}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--config {path}: get_config raised {_where(e, path)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        got = "None" if config is None else f"a {type(config).__name__}"
+        raise ConfigError(f"--config {path}: get_config returned {got}, "
+                          "expected an ml_collections.ConfigDict (build it on "
+                          "upm_jax.config.get_base_config() and return it)")
+    return config
+
+
+def _where(error, path):
+    """'Type: message (line N)' of an exception raised by the config file `path`."""
+    line = ""
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = f" (line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return f"{type(error).__name__}: {error}{line}"
+
+
+def apply_overrides(config, overrides, *, source="--config"):
+    """A copy of `config` with `overrides` [(field, text)] set, each text parsed as the
+    field's current type ('data.root', '/mnt/prid' or 'train.steps', '100'), as the
+    --config.FIELD=VALUE flags do; a ConfigError names an unknown field or a bad value."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field, text in overrides:
+        *parents, leaf = field.split(".")
+        node = config
+        try:
+            for name in parents:
+                node = node[name]
+            current = node[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(f"{source}.{field}: unknown config field; every field is listed "
+                              "with a comment in upm_jax/config.py") from None
+        node[leaf] = _parse_value(f"{source}.{field}", text, current)
+    return config
+
+
+def _parse_value(flag, text, current):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{flag}={text}: expected true or false")
+    kind = type(current) if current is not None else float
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{flag}={text}: expected a number ({kind.__name__})") from None
+    return text
 
 
 def flat_fields(config, prefix=""):
@@ -252,9 +327,11 @@ def check_config(config, *, num_devices):
     data_lib.check_split_spec(config.data.splits, field="config.data.splits")
 
 
-def check_weights(config):
+def check_weights(config, *, initial_features):
     """The ImageNet weights file a new training run starts from (not needed to resume,
-    extract or evaluate)."""
+    extract or evaluate); with `initial_features` (the run extracts the untrained network's
+    features when config.eval.initial) or anchors initialised from features, it must hold
+    the BatchNorm moving statistics too."""
     pretrained = config.model.pretrained
     if pretrained and not os.path.isfile(pretrained):
         raise ConfigError(
@@ -266,3 +343,13 @@ def check_weights(config):
         raise ConfigError("config.model.pretrained is empty: the papers start from ImageNet "
                           "weights; set it, or allow training from scratch with "
                           "--config.model.allow_scratch=True")
+    inference = [f for f, on in (("config.eval.initial", initial_features and config.eval.initial),
+                                 ("config.train.anchor_init='features'",
+                                  config.train.anchor_init == "features")) if on]
+    from upm_jax.porting import weights_file  # noqa: PLC0415  (NumPy only)
+    if pretrained and inference and not weights_file.has_moving_stats(pretrained):
+        raise ConfigError(
+            f"config.model.pretrained={pretrained!r} holds no BatchNorm moving statistics (it "
+            f"was ported by an earlier version), which {' and '.join(inference)} need to run "
+            "the ImageNet network in inference mode; port the checkpoint again: python -m "
+            f"upm_jax.porting --from slim CKPT --out {pretrained} (or turn those off)")

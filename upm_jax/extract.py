@@ -84,18 +84,19 @@ def extract_model(config, eval_set, model_dir, mesh):
 
 
 def initial_features(config, eval_set, model_dir, mesh):
-    """Features of the untrained network (its initial weights), for the before/after table.
+    """Features of the untrained network (its initial weights; with ImageNet weights, the
+    ImageNet network with its BatchNorm moving statistics), for the before/after table.
     Kept once written: a resumed run does not extract them again."""
     path = model_dir.features(workdir_lib.INITIAL_FEATURES)
     if os.path.isfile(path):
         say(f"{model_dir.label}: untrained network's features already in {path}")
         return
     if config.model.pretrained:
-        config_lib.check_weights(config)
+        config_lib.check_weights(config, initial_features=True)
     model = methods.build_model(config, model_dir.head)
     variables = state_lib.init_variables(
         model, jax.random.PRNGKey(config.seed), image_shape=methods.image_shape(config),
-        mesh=mesh, pretrained=config.model.pretrained or None)
+        mesh=mesh, pretrained=config.model.pretrained or None, inference=True)
     os.makedirs(model_dir.path, exist_ok=True)
     say(f"{model_dir.label}: extracting the untrained network's features")
     write_model_features(config, eval_set, model, variables, model_dir,

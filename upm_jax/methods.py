@@ -1,8 +1,10 @@
 """What each method trains, and its models built from a config (the one place a config
 becomes model fields: model code itself never sees a config)."""
+import jax
 import jax.numpy as jnp
 
 from upm_jax import models
+from upm_jax.config import ConfigError
 from upm_jax.models import BACKBONES, MATMUL_PRECISIONS
 
 # method -> the models it trains, as (sub-folder name, head). `upm` evaluates the
@@ -14,7 +16,8 @@ METHODS = {
     "upm": (("lam", "local"), ("gam", "global")),
 }
 
-__all__ = ["BACKBONES", "MATMUL_PRECISIONS", "METHODS", "build_model", "image_shape", "num_parts"]
+__all__ = ["BACKBONES", "MATMUL_PRECISIONS", "METHODS", "build_model", "check_frames_fit",
+           "image_shape", "num_parts"]
 
 
 def num_parts(config, head):
@@ -34,3 +37,19 @@ def build_model(config, head):
         depth_multiplier=config.model.depth_multiplier,
         dtype=jnp.dtype(config.model.dtype), train_relation=config.model.train_relation,
         bn_decay=config.model.bn_decay, matmul_precision=config.model.matmul_precision)
+
+
+def check_frames_fit(config):
+    """Refuses frames too small for the method's models (e.g. fewer rows in the final
+    feature map than config.model.n_part stripes), from the models' shapes alone."""
+    height, width = image_shape(config)
+    for _, head in METHODS[config.method]:
+        model = build_model(config, head)
+        try:
+            jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, height, width, 3)), train=False))
+        except ValueError as e:
+            raise ConfigError(
+                f"config.data.image_size={config.data.image_size} ({height}x{width} frames) "
+                f"does not fit the {head} model of config.method={config.method!r} "
+                f"(config.model.n_part={config.model.n_part}): {e}") from None

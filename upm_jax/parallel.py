@@ -17,11 +17,27 @@ Multi-process launchers, in the order `initialize` recognises them:
 
 CPU processes exchange collectives through gloo, so a multi-process run works (and is
 tested) without accelerators.
+
+When one process stops, the others must not wait for it in a collective, and JAX's own
+reaction (its coordination service aborts every process with a fatal-error dump when one
+stops sending heartbeats) names nothing useful. So the service runs in JAX's recoverable
+mode (a dead process is not fatal to the others), and `watch_stops` checks from a
+background thread, every second, what the service knows: a process that stops on its own
+(bad input, a signal outside training, an unexpected error) has announced it in the
+service's key-value store (`announce_stop`) and is named with its reason; a process that
+left without finishing and without a word (SIGKILL, a crash) is found when the service
+drops it from the live processes, HEARTBEAT_TIMEOUT_S after its last heartbeat. A process
+that finishes cleanly says so first, and the processes end together (`finish`: in the
+recoverable mode JAX's shutdown no longer waits for all, and the process hosting the
+service must leave last). A collective that fails because a process is gone breaks at
+once in the others (`lost_process_message`).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import threading
 import time
 
 import jax
@@ -106,6 +122,18 @@ def global_batch(local_tree, mesh: Mesh):
 
 
 JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Seconds without heartbeats after which JAX's coordination service declares a process
+# dead and ends the others (JAX's default is 100 s).
+HEARTBEAT_TIMEOUT_S = 10
+# The coordination-service keys of a process that stops on its own (`announce_stop`) and
+# of one that finished cleanly (`finish`).
+_STOPPED_KEY = "upm_jax/stopped"
+_FINISHED_KEY = "upm_jax/finished/"
+# Seconds between two looks of `watch_stops`.
+_WATCH_INTERVAL_S = 1.0
+# Words of the errors a collective raises when another process is gone.
+_LOST_PROCESS_WORDS = ("Gloo", "Connection reset by peer", "Connection closed by peer",
+                       "heartbeat", "coordination service", "Socket closed")
 MODES = ("auto", "yes", "no")
 
 
@@ -210,10 +238,122 @@ def initialize(mode: str = "auto", *, timeout_s: int = 300, environ=None) -> boo
         # of its local task id; given JAX_* the user decides (JAX_LOCAL_DEVICE_IDS, else all)
         arguments["cluster_detection_method"] = "deactivate"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)   # see the module docstring
     try:
-        jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s))
+        jax.distributed.initialize(**arguments, initialization_timeout=int(timeout_s),
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except (RuntimeError, ValueError, TypeError) as e:
         where = ", ".join(f"{k}={v}" for k, v in arguments.items()) or "detected by JAX"
         raise DistributedError(f"could not join the multi-process run ({launcher} launch, "
                                f"{where}): {e}") from e
     return True
+
+
+def _client():
+    """The coordination service's client of this process (None in a single-process run)."""
+    from jax._src import distributed  # noqa: PLC0415  (orbax reads the client there too)
+
+    return distributed.global_state.client
+
+
+def key_value_set(key: str, value: str) -> bool:
+    """Writes `key` in the coordination service's store unless it is set; False when it
+    was (or there is no service)."""
+    client = _client()
+    if client is None:
+        return False
+    try:
+        client.key_value_set(key, value)
+    except Exception:  # noqa: BLE001  (already set, or the service is gone)
+        return False
+    return True
+
+
+def key_value_get(key: str) -> str | None:
+    """The value of `key` in the coordination service's store, or None (unset, no service)."""
+    client = _client()
+    if client is None:
+        return None
+    try:
+        return client.key_value_try_get(key)
+    except Exception:  # noqa: BLE001  (NOT_FOUND, or the service is gone)
+        return None
+
+
+def announce_stop(status: int, line: str) -> None:
+    """Tells the other processes that this one stops with `status`, and why (`line`)."""
+    key_value_set(_STOPPED_KEY, json.dumps({"process": jax.process_index(), "status": status,
+                                            "line": line}))
+
+
+def stopped_process() -> dict | None:
+    """The announcement of a process that stopped ({process, status, line}), or None."""
+    value = key_value_get(_STOPPED_KEY)
+    return json.loads(value) if value else None
+
+
+# Seconds the processes wait for each other at the end (process 0 may still evaluate).
+END_TIMEOUT_S = 3600
+
+
+def finish() -> None:
+    """Ends a multi-process run normally: tells the others this process is not lost, waits
+    until every process is done, and on process 0 (which hosts the coordination service)
+    until the others have disconnected. Raises (a JAX runtime error) when a process stopped
+    meanwhile."""
+    client = _client()
+    if client is None:
+        return
+    key_value_set(_FINISHED_KEY + str(jax.process_index()), "1")
+    client.wait_at_barrier("upm_jax/end", END_TIMEOUT_S * 1000)
+    if jax.process_index() == 0:   # each other process disconnects as it exits
+        everyone = list(range(jax.process_count()))
+
+        def others_gone():
+            while set(client.get_live_nodes(everyone)) != {0}:
+                time.sleep(0.1)
+
+        waiter = threading.Thread(target=others_gone, daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)
+
+
+def watch_stops(on_stop) -> None:
+    """Calls `on_stop({"status", "line"[, "process"]})` from a background thread when
+    another process announced that it stops, or left without finishing and without a
+    word (see the module docstring); the thread ends then, or with the client."""
+    client, me, count = _client(), jax.process_index(), jax.process_count()
+    if client is None:
+        return
+
+    def watch():
+        while True:
+            try:   # returns once every live process asked (each process's watcher does)
+                alive = set(client.get_live_nodes(list(range(count))))
+            except Exception:  # noqa: BLE001  (the client shut down: this process ends)
+                return
+            announcement = stopped_process()
+            if announcement is not None and announcement["process"] != me:
+                on_stop(announcement)
+                return
+            lost = [i for i in range(count) if i not in alive
+                    and key_value_get(_FINISHED_KEY + str(i)) is None]
+            if lost:
+                on_stop({"status": 1, "line": (
+                    f"process {lost[0]} of {count} stopped without a word (killed or crashed: "
+                    f"no heartbeat for {HEARTBEAT_TIMEOUT_S} s); stopping this process too")})
+                return
+            time.sleep(_WATCH_INTERVAL_S)
+
+    threading.Thread(target=watch, name="upm_jax stop watcher", daemon=True).start()
+
+
+def lost_process_message(error: BaseException) -> str | None:
+    """When `error` is a collective or coordination failure caused by another process
+    being gone, one line saying so; else None."""
+    text = str(error)
+    if jax.process_count() < 2 or not any(word in text for word in _LOST_PROCESS_WORDS):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"another process of this run stopped without a word (killed or crashed): "
+            f"this process lost contact with it ({first[:200]})")

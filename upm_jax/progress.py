@@ -10,7 +10,7 @@ import jax
 # absl-logged messages from orbax that say nothing a user can act on.
 _NOISE = ("Given directory is read only", "CheckpointManagerOptions.read_only=True",
           "was found in the checkpoint, but could not be restored",
-          "Waiting for previous save to complete")
+          "Waiting for previous save to complete", "Reached preemption sync point")
 
 
 def say(message):

@@ -36,35 +36,45 @@ USER_ERRORS = (ConfigError, TrainingDiverged, WorkdirError, data_lib.DatasetErro
                evaluation.FeaturesError, checkpoints.CheckpointError)
 
 
-def run(config, workdir, mode="all", *, overwrite=False):
+def run(config, workdir, mode="all", *, overwrite=False, overrides=()):
     """Runs `mode` for every split and model; returns the results dict (empty for modes
     that do not evaluate). `workdir`: the run's folder. `config` None: the one recorded in
-    `workdir`. `overwrite`: replace a recorded config that differs in a field that changes
-    the trained model."""
+    `workdir`, with `overrides` [(field, text)] applied (--config.FIELD=VALUE flags given
+    without --config). `overwrite`: replace a recorded config that differs in a field
+    that changes the trained model."""
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: expected one of {MODES}")
     workdir = Workdir(workdir)
     if config is not None:
         config_lib.check_config(config, num_devices=jax.device_count())
+        methods.check_frames_fit(config)
         if mode in ("train", "all") and not workdir.has_trained():
-            config_lib.check_weights(config)   # a new run starts from them
+            config_lib.check_weights(config, initial_features=mode == "all")   # a new run
     _prepare_workdir(workdir)
     lock = workdir.lock()
     if jax.process_index() == 0:
         lock.acquire(say=say)
+        left = workdir.remove_temporaries()
+        if left:
+            say(f"removed {len(left)} temporary file(s) an interrupted run left: "
+                f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''}")
     try:
-        config = _open_record(config, workdir, mode, overwrite)
+        config = _open_record(config, workdir, mode, overwrite, overrides)
         return _run_modes(config, workdir, mode)
     finally:
         lock.release()
 
 
-def _open_record(config, workdir, mode, overwrite):
+def _open_record(config, workdir, mode, overwrite, overrides):
+    """The config every process runs with: process 0 checks it against the record (and
+    writes the record); the others, once it has, compute the same config."""
     if jax.process_index() == 0:
-        config = workdir.open_record(config, mode=mode, overwrite=overwrite, say=say)
+        config = workdir.open_record(config, mode=mode, overwrite=overwrite,
+                                     overrides=overrides, say=say)
     multihost_utils.sync_global_devices("workdir record")
     if jax.process_index() != 0:
-        config = workdir.read_record()
+        config = (workdir.resolve(config) if config is not None
+                  else workdir.read_record(overrides=overrides))
     config_lib.check_config(config, num_devices=jax.device_count())
     return config
 

@@ -327,6 +327,10 @@ def main(argv=None) -> int:
     from upm_jax import run
     from upm_jax.extractor import ExtractorError
 
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        print(f"error: --out {args.out}: the folder {folder} does not exist", file=sys.stderr)
+        return 2
     try:
         drawn = visualize(args.workdir, args.frames, args.out, layer=args.layer,
                           model_name=args.model, split=args.split, dpi=args.dpi)
@@ -340,4 +344,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upm_jax import interrupts
+    sys.exit(interrupts.command(main))

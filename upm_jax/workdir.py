@@ -10,12 +10,17 @@
 
 `Workdir`, `SplitDir` and `ModelDir` own these paths; no other module joins them by hand.
 `config.json` is written once, when a run starts in an empty workdir, with every path
-resolved and `{workdir}` expanded. Later invocations are compared with it: a field that
-changes the trained model (anything outside FREE_FIELDS) must match, unless the user asks
-to overwrite the record; `--mode extract|evaluate --workdir DIR` needs no config at all.
+resolved: a path inside the workdir is recorded as `{workdir}/...` and expanded with the
+workdir's current path when read, so a workdir moved or copied elsewhere keeps reading
+(and writing) inside itself. The record carries the SHA-256 of its own content
+(`checksum`), so a damaged record is refused instead of silently changing a setting.
+Later invocations are compared with it: a field that changes the trained model (anything
+outside FREE_FIELDS) must match, unless the user asks to overwrite the record;
+`--mode extract|evaluate --workdir DIR` needs no config at all.
 """
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -28,7 +33,7 @@ from upm_jax import checkpoints
 from upm_jax import config as config_lib
 from upm_jax import methods
 from upm_jax.config import ConfigError
-from upm_jax.files import atomic_write
+from upm_jax.files import atomic_write, remove_temporaries
 
 # Fields a later invocation may change: they say where the data is, how it is read (every
 # source and reader count gives the same batches) or how often to log and checkpoint, or
@@ -37,6 +42,9 @@ FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "data.source",
                "data.data_dir", "data.workers", "data.prefetch", "model.allow_scratch",
                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                "train.divergence_factor", "eval.")
+# The config fields that hold paths (recorded relative to the workdir when inside it).
+PATH_FIELDS = ("data.root", "data.split_file", "data.data_dir", "model.pretrained")
+_WORKDIR_PLACEHOLDER = "{workdir}"
 # Stems of the features files: the trained model's, and the untrained network's.
 FEATURES = "features"
 INITIAL_FEATURES = "initial_features"
@@ -152,22 +160,40 @@ class Workdir:
         return False
 
     def resolve(self, config):
-        """A copy of `config` with its paths resolved (what the record holds)."""
+        """A copy of `config` with its paths resolved (absolute, `{workdir}` expanded)."""
         resolved = ml_collections.ConfigDict(config.to_dict())
-        resolved.data.root = self.resolve_path(config.data.root)
-        resolved.data.split_file = self.resolve_path(config.data.split_file)
-        resolved.model.pretrained = self.resolve_path(config.model.pretrained)
+        for field in PATH_FIELDS:
+            section, name = field.split(".")
+            resolved[section][name] = self.resolve_path(config[section][name])
         return resolved
 
     def resolve_path(self, path):
-        """A config path with `{workdir}` expanded, made absolute ('' stays '')."""
-        if not path:
+        """A config path with `{workdir}` expanded, made absolute ('' and URLs stay)."""
+        if not path or "://" in path:
             return path
-        return os.path.abspath(path.replace("{workdir}", os.path.abspath(self.path)))
+        return os.path.abspath(path.replace(_WORKDIR_PLACEHOLDER, os.path.abspath(self.path)))
 
-    def read_record(self):
+    def _relative_path(self, path):
+        """`path` as recorded: `{workdir}/...` when inside the workdir, else as is."""
+        if not path or "://" in path:
+            return path
+        inside = os.path.relpath(path, os.path.abspath(self.path))
+        if inside == "." or inside.startswith(os.pardir):
+            return path
+        return f"{_WORKDIR_PLACEHOLDER}/{inside}"
+
+    def remove_temporaries(self):
+        """Removes the temporary files a killed run left in the workdir (orbax cleans its
+        own in checkpoints/); call it holding the lock. Returns their paths."""
+        if not os.path.isdir(self.path):
+            return []
+        return remove_temporaries(self.path, skip=("checkpoints",))
+
+    def read_record(self, overrides=()):
         """The recorded config (fields added to the project since filled with their
-        defaults), or None when the workdir has none."""
+        defaults; `overrides` [(field, text)] applied), or None when the workdir has none.
+        A record that fails its checksum, or whose values do not have the types of the
+        project's fields, is a WorkdirError naming it."""
         if not os.path.isfile(self.record):
             return None
         try:
@@ -175,29 +201,60 @@ class Workdir:
                 recorded = json.load(f)
         except (OSError, ValueError) as e:
             raise WorkdirError(f"{self.record}: cannot read the workdir's recorded config ({e}); "
-                               "restore it, or start a new --workdir") from e
-        return ml_collections.ConfigDict(_merge(config_lib.get_base_config().to_dict(), recorded))
+                               f"{_RECORD_ADVICE}") from e
+        if not isinstance(recorded, dict):
+            raise WorkdirError(f"{self.record}: holds a JSON {type(recorded).__name__}, not the "
+                               f"recorded config (an object); {_RECORD_ADVICE}")
+        checksum = recorded.pop("checksum", None)
+        if checksum is not None and checksum != _checksum(recorded):
+            raise WorkdirError(f"{self.record}: its content does not match its checksum (the "
+                               f"file was damaged or edited by hand); {_RECORD_ADVICE}")
+        base = config_lib.get_base_config().to_dict()
+        _check_types(self.record, base, recorded)
+        config = ml_collections.ConfigDict(_merge(base, recorded))
+        for field in PATH_FIELDS:
+            section, name = field.split(".")
+            config[section][name] = self.resolve_path(config[section][name])
+        if overrides:
+            config = config_lib.apply_overrides(config, overrides)
+        return config
 
     def write_record(self, config):
-        """Writes DIR/config.json atomically."""
-        text = config.to_json(indent=2)
+        """Writes DIR/config.json atomically, paths inside the workdir as `{workdir}/...`,
+        with the checksum of its content."""
+        recorded = config.to_dict()
+        for field in PATH_FIELDS:
+            section, name = field.split(".")
+            recorded[section][name] = self._relative_path(recorded[section][name])
+        text = json.dumps(dict(recorded, checksum=_checksum(recorded)), indent=2)
         atomic_write(self.record, lambda f: f.write(text), mode="w")
 
-    def open_record(self, config, *, mode, overwrite=False, say=print):
+    def open_record(self, config, *, mode, overwrite=False, overrides=(), say=print):
         """The config this invocation runs with, after checking it against the record.
 
-        `config` None: the recorded one (an error when there is none). Otherwise the
-        resolved `config`, which must agree with the record on every field that changes
-        the trained model; with `overwrite`, or while nothing is trained yet in a training
-        mode, the record is replaced instead. A workdir without a record gets one.
+        `config` None: the recorded one with `overrides` applied (an error when there is
+        none). Otherwise the resolved `config`. Either must agree with the record on every
+        field that changes the trained model; with `overwrite`, or while nothing is
+        trained yet in a training mode, the record is replaced instead. A workdir without
+        a record gets one. With `overwrite` and a `config`, a damaged record is replaced.
         """
-        recorded = self.read_record()
+        if config is not None and overwrite:
+            try:
+                recorded = self.read_record()
+            except WorkdirError as e:
+                say(f"replacing a damaged record, as asked (--overwrite): {e}")
+                self.write_record(self.resolve(config))
+                return self.resolve(config)
+        else:
+            recorded = self.read_record()
         if config is None:
             if recorded is None:
                 raise ConfigError(f"--workdir {self.path} has no config.json: give --config (it "
                                   "is recorded there when a run starts)")
             say(f"using the config recorded in {self.record}")
-            return recorded
+            if not overrides:
+                return recorded
+            config = config_lib.apply_overrides(recorded, overrides)
         config = self.resolve(config)
         if recorded is None:
             self.write_record(config)
@@ -222,6 +279,46 @@ class Workdir:
     def lock(self):
         """The workdir's WorkdirLock (not yet acquired)."""
         return WorkdirLock(self.lock_file)
+
+
+# What to do about a record that cannot be used.
+_RECORD_ADVICE = ("restore it, or record the config again with --config FILE --overwrite (the "
+                  "checkpoints must still fit it), or start a new --workdir")
+
+
+def _checksum(recorded):
+    """SHA-256 of the canonical JSON of a record (without its checksum)."""
+    text = json.dumps(recorded, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_types(path, base, recorded, prefix=""):
+    """Each recorded value has the type of the project's field (an int for a float, and
+    None for an optional field, are accepted); unknown fields are ignored."""
+    for key, value in recorded.items():
+        if key not in base:
+            continue
+        field, default = f"{prefix}{key}", base[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise WorkdirError(f"{path}: '{field}' is {value!r}, expected a section (a JSON "
+                                   f"object); {_RECORD_ADVICE}")
+            _check_types(path, default, value, field + ".")
+            continue
+        if default is None:   # an optional number (e.g. model.bn_decay)
+            if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+                continue
+        elif isinstance(default, bool):
+            if isinstance(value, bool):
+                continue
+        elif isinstance(default, float):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                continue
+        elif type(value) is type(default):
+            continue
+        expected = "a number" if default is None else type(default).__name__
+        raise WorkdirError(f"{path}: '{field}' is {value!r} ({type(value).__name__}), expected "
+                           f"{expected}; {_RECORD_ADVICE}")
 
 
 def _flatten(tree, prefix=""):

@@ -55,13 +55,59 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+# What to do about a frame that cannot be decoded.
+_SKIP_ADVICE = ("fix or remove the file, or set --config.data.skip_corrupt=True to skip "
+                "unreadable frames (each is listed)")
+
+
 def decode(path: str) -> np.ndarray:
-    """Decodes an image file to uint8 [h, w, 3] RGB; a clear error names an unreadable file."""
+    """Decodes an image file to uint8 [h, w, 3] RGB; a clear error names an unreadable file.
+
+    Every bit depth and mode becomes what it shows on 8 bits: palette, grey and bilevel
+    images are expanded to RGB, alpha is dropped (as TF's decode_png with channels=3),
+    16-bit samples are scaled by 255 / 65535 (not clipped), CMYK and other colour spaces
+    are converted. Floating-point images, whose value range no file states, are refused.
+    """
+    path = str(path)
     try:
         with Image.open(path) as im:
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            return _to_rgb8(im, path)
     except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot decode image {path}: {e}") from e
+        raise DatasetError(f"cannot decode image {path}: {e}; {_SKIP_ADVICE}") from e
+
+
+def _to_rgb8(im, path):
+    """uint8 [h, w, 3] of an open Pillow image (see `decode`)."""
+    if im.mode == "RGB":
+        return np.asarray(im)
+    bits = _integer_bits(im)
+    if bits is not None:
+        samples = np.asarray(im).astype(np.float64)   # [h, w]
+        grey = np.rint(samples * (255.0 / (2 ** bits - 1)))
+        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("a floating-point image, whose value range the file does not state; "
+                         "store the frames as 8- or 16-bit images")
+    if im.mode.endswith("a"):   # premultiplied alpha (La, RGBa): un-premultiply first
+        im = im.convert(im.mode[:-1] + "A")
+    return np.asarray(im.convert("RGB"))
+
+
+def _integer_bits(im):
+    """Bits per sample of a greyscale image wider than 8 bits (Pillow's I;16* and I modes),
+    else None. Mode I holds 32-bit integers: the file's own bit depth applies (a 16-bit PNG
+    or TIFF), else all 32 bits."""
+    if im.mode.startswith("I;16"):
+        return 16
+    if im.mode != "I":
+        return None
+    if im.format == "PNG":
+        return 16   # PNG greyscale is at most 16 bits
+    tags = getattr(im, "tag_v2", None)
+    depth = tags.get(258) if tags is not None else None   # TIFF BitsPerSample
+    if isinstance(depth, tuple):
+        depth = depth[0]
+    return int(depth) if depth else 32
 
 
 def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -54,9 +54,16 @@ def _read_mat(info_dir: str, stem: str, tree=LOCAL) -> tuple:
     if not tree.isfile(path):
         path, tree = os.path.join(SHIPPED, stem + ".mat"), LOCAL
     try:
-        contents = scipy.io.loadmat(io.BytesIO(tree.read(path)))
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from e
+        raw = tree.read(path)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        contents = scipy.io.loadmat(io.BytesIO(raw))
+    except Exception as e:  # noqa: BLE001  (scipy raises IndexError, TypeError... on damage)
+        raise DatasetError(f"cannot read {path}: not a readable MATLAB file, truncated or "
+                           f"damaged ({type(e).__name__}: {e}); copy it again from the MARS "
+                           "evaluation code, or delete it to use the copy shipped with "
+                           "upm_jax") from None
     arrays = [v for k, v in contents.items() if not k.startswith("__")]
     if len(arrays) != 1:
         raise DatasetError(f"{path}: expected exactly one array, found {len(arrays)}")

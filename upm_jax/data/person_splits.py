@@ -191,9 +191,9 @@ def _from_json(path: str, data) -> tuple:
 def _from_mat(path: str, raw: bytes, folders) -> tuple:
     try:
         contents = scipy.io.loadmat(io.BytesIO(raw))
-    except (OSError, ValueError, NotImplementedError, TypeError,
-            scipy.io.matlab.MatReadError) as e:
-        raise DatasetError(f"cannot read split file {path} as a MATLAB v5 .mat file: {e}") from e
+    except Exception as e:  # noqa: BLE001  (scipy raises IndexError, TypeError... on damage)
+        raise DatasetError(f"cannot read split file {path} as a MATLAB v5 .mat file (truncated "
+                           f"or damaged? {type(e).__name__}: {e})") from None
     if "ls_set" not in contents:
         names = sorted(k for k in contents if not k.startswith("__"))
         raise DatasetError(f"split file {path}: expected a variable 'ls_set' (splits x persons), "

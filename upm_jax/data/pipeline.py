@@ -22,6 +22,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 from typing import Iterator
 
 import jax
@@ -172,12 +173,23 @@ def input_from_config(config, table: FrameTable) -> tuple:
     return frames, Loading(workers=workers, prefetch=data.prefetch)
 
 
+# The stop signals (upm_jax.interrupts) are the trainer's to handle, not its readers'.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _init_worker(worker_index, worker_count):
     """grain worker_init_fn: a reader never starts an accelerator backend (JAX is imported
     in the workers, the GPU or TPU belongs to the trainer), and the kernel kills it when
-    its parent dies (a SIGKILLed trainer must not leave its readers behind)."""
+    its parent dies (a SIGKILLed trainer must not leave its readers behind). It ignores
+    SIGINT and SIGTERM (Ctrl-C reaches the terminal's whole process group, a scheduler
+    may signal every process): the trainer decides when reading stops (closing the
+    iterator ends the workers), so a stop prints no reader's traceback and leaves no
+    shared memory behind. They were blocked since the worker started (`_iterate`)."""
     del worker_index, worker_count
     os.environ["JAX_PLATFORMS"] = "cpu"
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
@@ -203,11 +215,26 @@ def _read_ahead(source, start: int, loading: Loading):
 
 
 def _iterate(source, start: int, loading: Loading) -> Iterator[dict]:
-    iterator = _read_ahead(source, start, loading)
+    """The elements of source[start:] (`_read_ahead`). The worker processes start with the
+    first element, with the stop signals blocked in this thread meanwhile: the threads
+    that start them, and the workers, inherit the block until `_init_worker` ignores the
+    signals; this process still receives them (in another thread, or once they started)."""
+    blocked = loading.workers and threading.current_thread() is threading.main_thread()
+    iterator = None
     try:
-        yield from iterator
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if blocked else None
+        try:
+            iterator = _read_ahead(source, start, loading)
+            first = next(iterator, None)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if first is not None:
+            yield first
+            yield from iterator
     finally:
-        iterator.close()
+        if iterator is not None:
+            iterator.close()
 
 
 def _local_rows(global_batch: int, mesh) -> np.ndarray:

@@ -31,6 +31,8 @@ import scipy.io
 from PIL import Image
 from scipy import ndimage
 
+from upm_jax.files import TEMP_PREFIX
+
 LAYOUTS = ("prid2011", "ilidsvid", "mars", "dukev")
 NUM_CAMERAS = {"prid2011": 2, "ilidsvid": 2, "mars": 6, "dukev": 8}
 PNG_OPTIONS = {"format": "PNG", "compress_level": 6, "optimize": False}
@@ -401,7 +403,8 @@ def generate(layout: str, out: str, *, ids: int, seed: int = 0, frames=(8, 16),
         raise FileExistsError(f"{out} exists and is not an empty folder; refusing to overwrite")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=parent)
+    # a killed run's leftover is removed by the next run in the workdir (files.TEMP_PREFIX)
+    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.path.basename(out)}-", dir=parent)
     try:
         texts, mats = {}, {}
         if layout in ("prid2011", "ilidsvid"):

@@ -20,6 +20,8 @@ import gzip
 import json
 import os
 
+from upm_jax.data.table import DatasetError
+
 DIR, FILE, NONE = "dir", "file", "none"
 
 
@@ -44,10 +46,14 @@ class LocalTree:
         dirs, files = [], []
         with os.scandir(folder) as it:
             for entry in it:
-                if entry.is_dir():
-                    dirs.append(entry.name)
-                elif entry.is_file():
-                    files.append(entry.name)
+                try:   # follows links: one that cannot be followed (a loop) names itself
+                    if entry.is_dir():
+                        dirs.append(entry.name)
+                    elif entry.is_file():
+                        files.append(entry.name)
+                except OSError as e:
+                    raise DatasetError(f"{entry.path}: cannot be followed ({e.strerror}); "
+                                       "remove or fix it") from None
         return sorted(dirs), sorted(files)
 
     def read(self, path: str) -> bytes:

@@ -84,6 +84,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def _run(args, files):
+    for flag, out in (("--json", args.json), ("--plot", args.plot), ("--montage", args.montage)):
+        folder = os.path.dirname(os.path.abspath(out)) if out else None
+        if folder and not os.path.isdir(folder):
+            print(f"error: {flag} {out}: the folder {folder} does not exist", file=sys.stderr)
+            return 2
     try:
         result = evaluate_files(files, distance=args.distance, ap=args.ap, rerank=args.rerank,
                                 pooling=args.pooling)
@@ -110,4 +115,5 @@ def _run(args, files):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upm_jax import interrupts
+    sys.exit(interrupts.command(main))

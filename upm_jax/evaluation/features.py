@@ -6,7 +6,9 @@ A features file is an uncompressed ``.npz`` holding either per-frame features
 and ``gallery`` [G] (tracklet indices) and optionally ``pooling`` ("max"/"mean") and
 ``directions`` ("one"/"both": see `protocols`).
 Large feature members are memory-mapped straight out of the zip archive, so
-pooling 681,089 frames never holds them all in memory.
+pooling 681,089 frames never holds them all in memory. Every member's CRC-32 (recorded by
+the zip writer) is verified before anything is read from the file (`files.verify_npz`):
+a damaged file is an error naming it, never a number.
 """
 import os
 import struct
@@ -14,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from upm_jax.files import atomic_write
+from upm_jax.files import DamagedFileError, atomic_write, verify_npz
 
 FEATURE_KEYS = ("frame_feat", "track_feat")
 REQUIRED_KEYS = ("pid", "cam", "query", "gallery")
@@ -264,17 +266,23 @@ def _member_memmap(path, info):
 def load_features(path, *, mmap=True):
     """Read and validate a features file; returns a dict of arrays.
 
-    Uncompressed feature members (what `save_features` writes) come back memory-mapped;
-    everything else is read normally, never with pickle. `track_feat` is scanned for
-    NaN/inf here; per-frame NaN/inf and the frame_track range are checked by
-    `pool_tracklets` while it streams the frames.
+    The archive is verified first (every member's CRC-32: one streaming pass over the
+    file, skipped when this process verified the same unchanged file before). Uncompressed
+    feature members (what `save_features` writes) come back memory-mapped; everything else
+    is read normally, never with pickle. `track_feat` is scanned for NaN/inf here;
+    per-frame NaN/inf and the frame_track range are checked by `pool_tracklets` while it
+    streams the frames.
     """
     source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FeaturesError(f"{source}: no such features file")
     try:
-        archive = zipfile.ZipFile(source)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise FeaturesError(f"{source}: cannot read as an .npz archive ({e})") from None
-    with archive:
+        verify_npz(source, advice="extract the features again (--mode extract)")
+    except DamagedFileError as e:
+        raise FeaturesError(str(e)) from None
+    except OSError as e:
+        raise FeaturesError(f"{source}: cannot read ({e.strerror})") from None
+    with zipfile.ZipFile(source) as archive:
         infos = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i
                  for i in archive.infolist()}
     unknown = sorted(set(infos) - ALLOWED_KEYS)
@@ -284,15 +292,16 @@ def load_features(path, *, mmap=True):
     arrays = {}
     with np.load(source, allow_pickle=False) as npz:
         for name, info in infos.items():
-            value = None
-            if mmap and name in FEATURE_KEYS:
-                value = _member_memmap(source, info)
-            if value is None:
-                try:
+            try:
+                value = None
+                if mmap and name in FEATURE_KEYS:
+                    value = _member_memmap(source, info)
+                if value is None:
                     value = npz[name]
-                except ValueError as e:
-                    raise FeaturesError(f"{source}: array '{name}': cannot be read without pickle "
-                                        f"({e})") from None
+            except ValueError as e:
+                problem = ("holds Python objects, which are not read (no pickle)"
+                           if "pickle" in str(e) else f"is not a readable .npy array ({e})")
+                _fail(source, name, problem)
             arrays[name] = value
     for key in ("pooling", "directions"):
         if key in arrays:

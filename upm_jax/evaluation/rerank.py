@@ -6,13 +6,14 @@ both counts once):
 - N(p, k): p itself followed by its k nearest neighbours in S (ties by position).
 - R(p, k) = {g in N(p, k) : p in N(g, k)}  (k-reciprocal neighbours).
 - R*(p, k) = R(p, k) ∪ R(q, k/2) for every q in R(p, k) with
-  |R(p, k) ∩ R(q, k/2)| >= 2/3 |R(q, k/2)|.
+  |R(p, k) ∩ R(q, k/2)| > 2/3 |R(q, k/2)| (strictly more, as in the authors' code, which
+  torchreid and fast-reid follow).
 - V_p[g] = exp(-d(p, g)) on R*(p, k1), 0 elsewhere, normalised to sum 1.
 - local query expansion: V_p <- mean of V_g over N(p, k2 - 1) (k2 entries incl. p).
 - Jaccard distance d_J(p, g) = 1 - sum_j min(V_p, V_g) / sum_j max(V_p, V_g), computed
   with an inverted index over the sparse V (only the non-zeros are visited).
 - final distance = (1 - lambda) d_J + lambda d.
-Memory: one [S, S] float16 table of d (about 300 MB at MARS size), sparse V, and
+Memory: one [S, S] float32 table of d (about 600 MB at MARS size), sparse V, and
 [block, S] float32 working blocks.
 """
 import numpy as np
@@ -52,7 +53,7 @@ def _expanded_sets(nn, half):
         members = np.where(h_mask[cand], nnh[cand], -2)  # [B, k1+1, half+1] R(q, k1/2)
         inside = (members[:, :, :, None] == base[:, None, None, :]).any(axis=3)
         overlap = inside.sum(axis=2)  # [B, k1+1] |R(p,k1) ∩ R(q,k1/2)|
-        accept = r_mask[a:b] & (3 * overlap >= 2 * h_size[cand])
+        accept = r_mask[a:b] & (3 * overlap > 2 * h_size[cand])
         extra = np.where(accept[:, :, None], members, -1).reshape(b - a, -1)
         allm = np.concatenate([base, extra], axis=1)
         allm.sort(axis=1)
@@ -81,7 +82,7 @@ def k_reciprocal_distances(feat, query, gallery, *, distance="euclidean", k1=20,
     g_pos = np.searchsorted(items, gallery)
     q_of = np.full(s, -1, dtype=np.int64)
     q_of[q_pos] = np.arange(query.shape[0])
-    table = np.empty((s, s), dtype=np.float16)  # d(p, g), normalised per row
+    table = np.empty((s, s), dtype=np.float32)  # d(p, g), normalised per row
     d_qg = np.empty((query.shape[0], gallery.shape[0]), dtype=np.float32)  # [Q, G]
     nn = np.empty((s, k + 1), dtype=np.int64)
     for a in range(0, s, _DIST_ROWS):
@@ -102,7 +103,7 @@ def k_reciprocal_distances(feat, query, gallery, *, distance="euclidean", k1=20,
         order = np.lexsort((part, np.take_along_axis(d, part, axis=1)), axis=1)
         nn[a:b] = np.take_along_axis(part, order, axis=1)
     rows, cols = _expanded_sets(nn, min(int(round(k1 / 2)), k))
-    w = np.exp(-table[rows, cols].astype(np.float32))
+    w = np.exp(-table[rows, cols])
     w /= np.bincount(rows, w, minlength=s)[rows].astype(np.float32)
     v = sp.csr_array((w, (rows, cols)), shape=(s, s), dtype=np.float32)
     if k2 > 1:

@@ -59,4 +59,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upm_jax import interrupts
+    sys.exit(interrupts.command(main))

@@ -10,6 +10,7 @@ import sys
 
 from upm_jax.porting.checkpoint import CheckpointFormatError
 from upm_jax.porting.slim import BACKBONES, PortError, port_checkpoint
+from upm_jax.porting.weights_file import STATS_PREFIX
 
 
 def main(argv=None) -> int:
@@ -24,13 +25,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         p = port_checkpoint(args.checkpoint, args.out, args.backbone)
-    except (CheckpointFormatError, PortError) as e:
+    except (CheckpointFormatError, PortError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.checkpoint}: {p.backbone}, restored {len(p.restore)} tensors, skipped "
-          f"{len(p.skip)} -> {args.out}")
+    stats = sum(target.startswith(STATS_PREFIX) for target in p.restore.values())
+    print(f"{args.checkpoint}: {p.backbone}, restored {len(p.restore) - stats} weights and "
+          f"{stats} BatchNorm moving statistics, skipped {len(p.skip)} -> {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from upm_jax import interrupts
+    sys.exit(interrupts.command(main))

@@ -1,18 +1,20 @@
 """TF-slim checkpoint names -> Flax backbone paths: an explicit rule table, and the port itself.
 
-What is restored is what the originals restored from ImageNet: conv weights and BatchNorm
-gamma/beta. Everything else in the released checkpoints is deliberately skipped: BN moving
-statistics (re-estimated during training from 0/1), classifier heads, optimiser slots and
-EMA shadows, the global step and ResNet's ``mean_rgb``. A name no rule covers is an error.
-NumPy/stdlib only.
+The params restored are what the originals restored from ImageNet: conv weights and
+BatchNorm gamma/beta. The BatchNorm moving statistics are kept as a separate group of the
+weights file (``batch_stats/...``): training starts from 0/1 and re-estimates them, as the
+originals did, but the ImageNet network in inference mode (the untrained network's
+features, anchors initialised from features) needs them. Everything else in the released
+checkpoints is deliberately skipped: classifier heads, optimiser slots and EMA shadows, the
+global step and ResNet's ``mean_rgb``. A name no rule covers is an error. NumPy/stdlib only.
 """
 import re
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from upm_jax.porting.checkpoint import CheckpointReader
-from upm_jax.porting.weights_file import save_weights
+from upm_jax.porting.weights_file import STATS_PREFIX, save_weights
 
 BACKBONES = ("mobilenet_v1", "resnet_v1_50")
 SCOPES = {"mobilenet_v1": "MobilenetV1", "resnet_v1_50": "resnet_v1_50"}
@@ -44,8 +46,10 @@ RULES: Dict[str, List[Rule]] = {
              r"backbone/\1/BatchNorm/scale"),
         Rule(r"MobilenetV1/(Conv2d_0|Conv2d_\d+_(?:depthwise|pointwise))/BatchNorm/beta",
              r"backbone/\1/BatchNorm/bias"),
-        Rule(r"MobilenetV1/.+/BatchNorm/moving_(mean|variance)", None,
-             "BN moving statistics start at 0/1"),
+        Rule(r"MobilenetV1/(Conv2d_0|Conv2d_\d+_(?:depthwise|pointwise))/BatchNorm/moving_mean",
+             r"batch_stats/backbone/\1/BatchNorm/mean"),
+        Rule(r"MobilenetV1/(Conv2d_0|Conv2d_\d+_(?:depthwise|pointwise))/BatchNorm/"
+             r"moving_variance", r"batch_stats/backbone/\1/BatchNorm/var"),
         Rule(r"MobilenetV1/Logits/.+", None, "ImageNet classifier"),
     ],
     "resnet_v1_50": _COMMON_SKIPS + [
@@ -58,8 +62,13 @@ RULES: Dict[str, List[Rule]] = {
              r"/BatchNorm/gamma", r"backbone/\1/\2/\3/BatchNorm/scale"),
         Rule(r"resnet_v1_50/(block\d)/(unit_\d+)/bottleneck_v1/(conv[123]|shortcut)"
              r"/BatchNorm/beta", r"backbone/\1/\2/\3/BatchNorm/bias"),
-        Rule(r"resnet_v1_50/.+/BatchNorm/moving_(mean|variance)", None,
-             "BN moving statistics start at 0/1"),
+        Rule(r"resnet_v1_50/conv1/BatchNorm/moving_mean", r"batch_stats/backbone/conv1/BatchNorm/mean"),
+        Rule(r"resnet_v1_50/conv1/BatchNorm/moving_variance",
+             r"batch_stats/backbone/conv1/BatchNorm/var"),
+        Rule(r"resnet_v1_50/(block\d)/(unit_\d+)/bottleneck_v1/(conv[123]|shortcut)"
+             r"/BatchNorm/moving_mean", r"batch_stats/backbone/\1/\2/\3/BatchNorm/mean"),
+        Rule(r"resnet_v1_50/(block\d)/(unit_\d+)/bottleneck_v1/(conv[123]|shortcut)"
+             r"/BatchNorm/moving_variance", r"batch_stats/backbone/\1/\2/\3/BatchNorm/var"),
         Rule(r"resnet_v1_50/logits/.+", None, "ImageNet classifier"),
         Rule(r"resnet_v1_50/mean_rgb", None, "input mean (inputs are scaled to [-1, 1])"),
     ],
@@ -67,7 +76,8 @@ RULES: Dict[str, List[Rule]] = {
 
 
 class Plan(NamedTuple):
-    """How every checkpoint name is handled: restored (-> Flax path), skipped (-> reason)."""
+    """How every checkpoint name is handled: restored (-> Flax path: a param, or under
+    STATS_PREFIX a moving statistic), skipped (-> reason)."""
 
     backbone: str
     restore: Dict[str, str]
@@ -119,21 +129,26 @@ def plan(names, backbone: str = "auto") -> Plan:
     return Plan(backbone, restore, skip)
 
 
-def convert(reader: CheckpointReader, backbone: str = "auto") -> Tuple[Plan, Dict[str, np.ndarray]]:
-    """Read the restored tensors of ``reader`` -> (plan, Flax path -> float32 array)."""
+def convert(reader: CheckpointReader, backbone: str = "auto"):
+    """Read the restored tensors of ``reader`` -> (plan, params: Flax path -> float32 array,
+    moving statistics: path from the batch_stats root -> float32 array)."""
     p = plan(reader.tensors, backbone)
-    params = {}
+    params, stats = {}, {}
     for name, target in sorted(p.restore.items()):
         value = reader.read(name)
         if value.dtype.kind != "f":
             raise PortError(f"{reader.prefix}: {name!r} has dtype {value.dtype}; expected float")
-        params[target] = value.astype(np.float32)
-    return p, params
+        if target.startswith(STATS_PREFIX):
+            stats[target[len(STATS_PREFIX):]] = value.astype(np.float32)
+        else:
+            params[target] = value.astype(np.float32)
+    return p, params, stats
 
 
 def port_checkpoint(prefix: str, out: str, backbone: str = "auto") -> Plan:
     """Port the TF-slim checkpoint at ``prefix`` to the weights file ``out`` (.npz)."""
     reader = CheckpointReader(prefix)
-    p, params = convert(reader, backbone)
-    save_weights(out, params, backbone=p.backbone, source=f"{prefix} ({reader.format})")
+    p, params, stats = convert(reader, backbone)
+    save_weights(out, params, backbone=p.backbone, source=f"{prefix} ({reader.format})",
+                 stats=stats)
     return p

@@ -57,13 +57,15 @@ def merge_params(trained, frozen):
     return traverse_util.unflatten_dict(flat)
 
 
-def init_variables(model, rng, *, image_shape, mesh, pretrained=None):
+def init_variables(model, rng, *, image_shape, mesh, pretrained=None, inference=False):
     """The model's initial variables, replicated on ``mesh`` (the one place a model is
     initialised: training states, the untrained network's features, shape queries).
 
     ``pretrained``: a ported weights file merged strictly into the backbone
     (``upm_jax.models.load_pretrained``); the merged tree is placed replicated again, so
-    later jits see one device set whatever the device count.
+    later jits see one device set whatever the device count. ``inference``: the network
+    will run in inference mode, so the backbone's BatchNorm takes the file's moving
+    statistics too (training starts from 0/1 instead, as the originals did).
     """
     height, width = image_shape
     replicated = parallel.replicated(mesh)
@@ -74,7 +76,8 @@ def init_variables(model, rng, *, image_shape, mesh, pretrained=None):
     variables = jax.jit(init, out_shardings=replicated)(rng)
     if pretrained:
         variables = jax.device_put(
-            load_pretrained(variables, pretrained, backbone=model.backbone_name), replicated)
+            load_pretrained(variables, pretrained, backbone=model.backbone_name,
+                            moving_stats=inference), replicated)
     return variables
 
 

@@ -20,7 +20,9 @@ from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import config as config_lib
 from upm_jax import data as data_lib
 from upm_jax import extract
+from upm_jax import interrupts
 from upm_jax import methods
+from upm_jax import models
 from upm_jax import parallel
 from upm_jax import progress
 from upm_jax.progress import say
@@ -190,7 +192,7 @@ def train_model(config, dataset, model_dir, mesh, *, resident_rows=None):
     try:
         start = checkpoints.latest_step()
         if start is None:
-            config_lib.check_weights(config)
+            config_lib.check_weights(config, initial_features=False)
         trainer = make_trainer(config, model_dir.head, dataset.train, mesh,
                                load_weights=start is None)
         if start is not None:
@@ -204,7 +206,9 @@ def train_model(config, dataset, model_dir, mesh, *, resident_rows=None):
                 trainer.state = _init_anchors_from_features(config, dataset, trainer, mesh)
         if config.data.resident:
             trainer.load_resident(max(resident_rows or 0, trainer.num_frames))
-        writer = metrics_lib.MetricsWriter(model_dir.metrics, model_dir.tensorboard)
+        # rows logged after the checkpoint resumed from are dropped: they are logged again
+        writer = metrics_lib.MetricsWriter(model_dir.metrics, model_dir.tensorboard,
+                                           resume_step=start)
         try:
             _train_loop(config, trainer, checkpoints, writer, start, where)
         finally:
@@ -256,45 +260,66 @@ def _all_finite(tree):
 
 
 def _train_loop(config, trainer, checkpoints, writer, start, where):
+    """Steps from `start` to config.train.steps, logging and checkpointing; a stop signal
+    saves the step in flight and raises interrupts.Interrupted (see upm_jax.interrupts)."""
     total = config.train.steps
     guard = DivergenceGuard(config.train.divergence_factor, checkpoints)
     pending = []   # (step, device metrics) not yet checked on the host
     bar = tqdm.tqdm(total=total, initial=start, desc=where, unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start
-    for step, batch in zip(range(start, total), trainer.batches(start)):
-        if step == start:   # the call that compiles the step; the rate counts from after it
-            with progress.compiling(bar, "the training step"):
+    done, together = start, True
+    with interrupts.deferred() as stop:
+        for step, batch in zip(range(start, total), trainer.batches(start)):
+            if step == start:   # the call that compiles the step; the rate counts from after it
+                with progress.compiling(bar, "the training step"):
+                    pending.append((step, trainer.step(batch)))
+                last_time = time.perf_counter()
+            else:
                 pending.append((step, trainer.step(batch)))
-            last_time = time.perf_counter()
-        else:
-            pending.append((step, trainer.step(batch)))
-        done = step + 1
-        save = done % config.train.checkpoint_every == 0 or done == total
-        if done % config.train.log_every == 0 or save:
-            host = jax.device_get(pending)
-            pending = []
-            guard.check_losses(host)
-            now = time.perf_counter()
-            rate = (done - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, done
-            scalars = dict(host[-1][1], steps_per_sec=rate,
-                           frames_per_sec=rate * config.train.batch_size)
-            writer.write(done, scalars)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{rate:.2f}",
-                            frames_s=f"{rate * config.train.batch_size:.0f}")
-            bar.update(done - bar.n)
-        if save:
-            guard.check_params(trainer.state, done)
-            checkpoints.save(done, trainer.state)
-    bar.close()
+            done = step + 1
+            stopping = stop.requested(done)
+            save = done % config.train.checkpoint_every == 0 or done == total or stopping
+            if done % config.train.log_every == 0 or save:
+                host = jax.device_get(pending)
+                pending = []
+                guard.check_losses(host)
+                now = time.perf_counter()
+                rate = (done - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, done
+                scalars = dict(host[-1][1], steps_per_sec=rate,
+                               frames_per_sec=rate * config.train.batch_size)
+                writer.write(done, scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{rate:.2f}",
+                                frames_s=f"{rate * config.train.batch_size:.0f}")
+                bar.update(done - bar.n)
+            if save:
+                guard.check_params(trainer.state, done)
+                checkpoints.save(done, trainer.state)   # asynchronous: waited for below
+            if stopping:
+                break
+        else:   # a signal during the last steps, too late for the other processes
+            stopping, together = stop.requested_locally(), False
+        bar.close()
+        if stopping:
+            checkpoints.wait()   # the process ends only once the checkpoint is committed
+            raise interrupts.Interrupted(
+                stop.signum, f"{where}: saved the checkpoint of step {done} in "
+                f"{checkpoints.directory}; run the same command again to resume from it",
+                together=together)
 
 
 def _init_anchors_from_features(config, dataset, trainer, mesh):
-    """Anchors initialised from a first pass of the initial network over the train frames."""
+    """Anchors initialised from a first pass of the initial network over the train frames
+    (in inference mode: with ImageNet weights, their BatchNorm moving statistics; the
+    training state keeps its own, 0/1)."""
     variables = {"params": state_lib.merge_params(trainer.state.params,
                                                   trainer.state.frozen_params),
                  "batch_stats": trainer.state.batch_stats}
+    if config.model.pretrained:
+        variables = parallel.replicate(models.load_pretrained(
+            variables, config.model.pretrained, backbone=trainer.model.backbone_name,
+            moving_stats=True), mesh)
     frames, loading = data_lib.input_from_config(config, dataset.train)
     feats = extract.extract_frame_features(
         trainer.model, variables, frames, mesh=mesh,
