@@ -1,0 +1,122 @@
+"""Splits trained side by side (config.train.parallel_splits): each split's state equals its
+own one-split run to that run's rounding noise, at the step and through the whole run."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_train import SIZES, TinyModel, _assert_within_noise, _host
+from upm_jax import parallel
+from upm_jax.data import pipeline
+from upm_jax.training import optim
+from upm_jax.training import state as state_lib
+from upm_jax.training import step as step_lib
+from upm_jax.training.association import AnchorMemory
+
+IMAGE = (16, 8)
+BATCH = 16
+STEPS = 4
+POOL = 60    # distinct frames the splits draw their training sets from
+SEED = 3
+
+
+def _split_sets(num_splits):
+    """Per split: (rows into the shared pool, track, camera), of different sizes."""
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(num_splits):
+        n = 30 + 3 * k
+        rows = np.sort(rng.choice(POOL, n, replace=False)).astype(np.int32)
+        camera = rng.integers(0, len(SIZES), n).astype(np.int32)
+        track = np.array([rng.integers(0, SIZES[c]) for c in camera], np.int32)
+        out.append((rows, track, camera))
+    return out
+
+
+def _schedule(num_frames):
+    """Each split's own schedule: its frame count sets the decay interval and the warm-up."""
+    return optim.make_schedule("rmsprop", learning_rate=0.045, steps_per_epoch=num_frames / 20,
+                               total_steps=STEPS, cross_start=num_frames // 30)
+
+
+def _initial_state(model, mesh):
+    dims = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE, 3))))
+    feat = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, *IMAGE, 3))), dims)
+    memory = AnchorMemory.zeros(SIZES, feat.shape[1], feat.shape[2])
+    return state_lib.create_train_state(model, jax.random.PRNGKey(1), image_shape=IMAGE,
+                                        tx=optim.make_optimizer("rmsprop"), memory=memory,
+                                        mesh=mesh)
+
+
+def _positions(num_frames, step, reverse=False):
+    index = pipeline.batch_indices(SEED, step, num_frames, BATCH).astype(np.int32)
+    return index[::-1].copy() if reverse else index
+
+
+def _one_split_run(model, pool, split, mesh, reverse=False):
+    """The split trained alone (resident form, its own frames), as a run of one split does."""
+    rows, track, camera = split
+    step_fn = step_lib.make_train_step(model, "rmsprop", mesh=mesh,
+                                       frozen_scopes=model.frozen_scopes)
+    dataset = parallel.replicate({"image": pool[rows], "track": track, "camera": camera}, mesh)
+    schedule = parallel.replicate(_schedule(len(rows)), mesh)
+    state = _initial_state(model, mesh)
+    for step in range(STEPS):
+        index = jax.device_put(_positions(len(rows), step, reverse),
+                               parallel.batch_sharding(mesh))
+        state, _ = step_fn(state, schedule, {"index": index}, dataset)
+    return _host(state)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return np.random.default_rng(1).integers(0, 256, (POOL, *IMAGE, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def one_split_runs(pool):
+    """Each split alone on 8 devices, and again with its batches reversed (its own noise)."""
+    model, mesh = TinyModel(), parallel.make_mesh()
+    sets = _split_sets(8)
+    return [(_one_split_run(model, pool, s, mesh), _one_split_run(model, pool, s, mesh, True))
+            for s in sets]
+
+
+@pytest.mark.parametrize("num_splits", [2, 8])
+def test_splits_side_by_side_equal_their_one_split_runs(pool, one_split_runs, num_splits):
+    """2 splits on 8 devices: each split's batch on 4 devices; 8 splits: one per device."""
+    model = TinyModel()
+    mesh = parallel.split_mesh(parallel.make_mesh(), num_splits)
+    assert mesh.shape == {"split": 2, "data": 4} if num_splits == 2 else {"split": 8, "data": 1}
+    sets = _split_sets(num_splits)
+    longest = max(len(rows) for rows, _, _ in sets)
+
+    def padded(k):
+        return np.stack([np.pad(s[k], (0, longest - len(s[k]))) for s in sets])  # [G, N]
+
+    splits = parallel.split_sharding(mesh)
+    tables = jax.device_put({"rows": padded(0), "track": padded(1), "camera": padded(2)}, splits)
+    one = _initial_state(model, mesh)
+    state = jax.device_put(jax.tree.map(lambda x: np.stack([x] * num_splits), _host(one)),
+                           splits)
+    schedule = jax.device_put(jax.tree.map(lambda *v: np.stack(v),
+                                           *[_schedule(len(s[0])) for s in sets]), splits)
+    image = parallel.replicate(pool, mesh)
+    step_fn = step_lib.make_split_train_step(model, "rmsprop", mesh=mesh,
+                                             frozen_scopes=model.frozen_scopes)
+    for step in range(STEPS):
+        index = np.stack([_positions(len(s[0]), step) for s in sets])
+        index = jax.device_put(index, parallel.split_batch_sharding(mesh))
+        state, metrics = step_fn(state, schedule, index, tables, image)
+    assert metrics["loss"].shape == (num_splits,)
+    assert state.params["backbone"]["Conv2d_0"]["kernel"].sharding.spec[0] == "split"
+    state = _host(state)
+    for k in range(num_splits):
+        got = jax.tree.map(lambda x: x[k], state)
+        want, noise = one_split_runs[k]
+        assert int(got.step) == STEPS
+        _assert_within_noise(got, want, noise)
+    # the splits really differ (their own frames and schedules), so the check can fail
+    first, second = (jax.tree.map(lambda x: x[k], state.params) for k in (0, 1))
+    assert not np.allclose(first["backbone"]["Conv2d_0"]["kernel"],
+                           second["backbone"]["Conv2d_0"]["kernel"])
