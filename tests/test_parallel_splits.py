@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import SIZES, TinyModel, _assert_within_noise, _host
+from test_train import SIZES, TinyModel, _assert_within_noise, _gap, _host
 from upm_jax import parallel
 from upm_jax.data import pipeline
 from upm_jax.training import optim
@@ -58,7 +58,10 @@ def _one_split_run(model, pool, split, mesh, reverse=False):
     rows, track, camera = split
     step_fn = step_lib.make_train_step(model, "rmsprop", mesh=mesh,
                                        frozen_scopes=model.frozen_scopes)
-    dataset = parallel.replicate({"image": pool[rows], "track": track, "camera": camera}, mesh)
+    pad = POOL - len(rows)   # every split's frames padded alike, as a run pads them: one compile
+    dataset = parallel.replicate({"image": np.pad(pool[rows], [(0, pad)] + [(0, 0)] * 3),
+                                  "track": np.pad(track, (0, pad)),
+                                  "camera": np.pad(camera, (0, pad))}, mesh)
     schedule = parallel.replicate(_schedule(len(rows)), mesh)
     state = _initial_state(model, mesh)
     for step in range(STEPS):
@@ -73,15 +76,32 @@ def pool():
     return np.random.default_rng(1).integers(0, 256, (POOL, *IMAGE, 3), dtype=np.uint8)
 
 
+class _Noise:
+    """The larger gap, group by group, of two rounding-only variants of a run."""
+
+    def __init__(self, want, *variants):
+        self.want, self.variants = want, variants
+
+    def __getattr__(self, group):
+        return max((getattr(v, group) for v in self.variants),
+                   key=lambda tree: _gap(tree, getattr(self.want, group)))
+
+
 @pytest.fixture(scope="module")
 def one_split_runs(pool):
-    """Each split alone on 8 devices, and again with its batches reversed (its own noise)."""
-    model, mesh = TinyModel(), parallel.make_mesh()
-    sets = _split_sets(8)
-    return [(_one_split_run(model, pool, s, mesh), _one_split_run(model, pool, s, mesh, True))
-            for s in sets]
+    """Each split alone on 8 devices, and its own rounding noise: the larger gap of the same
+    run with its batches reversed and of the same run on one device (the yardstick of
+    test_train's 8-vs-1-device test)."""
+    model, mesh, one = TinyModel(), parallel.make_mesh(), parallel.make_mesh(jax.devices()[:1])
+    runs = []
+    for split in _split_sets(8):
+        want = _one_split_run(model, pool, split, mesh)
+        runs.append((want, _Noise(want, _one_split_run(model, pool, split, mesh, True),
+                                  _one_split_run(model, pool, split, one))))
+    return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_splits", [2, 8])
 def test_splits_side_by_side_equal_their_one_split_runs(pool, one_split_runs, num_splits):
     """2 splits on 8 devices: each split's batch on 4 devices; 8 splits: one per device."""
@@ -120,3 +140,73 @@ def test_splits_side_by_side_equal_their_one_split_runs(pool, one_split_runs, nu
     first, second = (jax.tree.map(lambda x: x[k], state.params) for k in (0, 1))
     assert not np.allclose(first["backbone"]["Conv2d_0"]["kernel"],
                            second["backbone"]["Conv2d_0"]["kernel"])
+
+
+def _restore(model_dir):
+    """The final TrainState in a model folder, as numpy (whatever sharding it was saved with)."""
+    import orbax.checkpoint as ocp   # noqa: PLC0415
+    with ocp.CheckpointManager(model_dir.checkpoints) as manager:
+        return manager.restore(manager.latest_step()), manager.latest_step()
+
+
+def _files(workdir):
+    import os  # noqa: PLC0415
+    return sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, files in os.walk(workdir)
+                  for f in files if "tensorboard" not in d and ".lock" not in f)
+
+
+@pytest.mark.slow
+def test_a_run_side_by_side_equals_one_after_another(tmp_path):
+    """Two splits of different frame counts trained side by side (in two invocations: the
+    group resumes from its checkpoints) leave the workdir one after another leaves: the same
+    files, each split's state within its own rounding noise, the same results."""
+    import json  # noqa: PLC0415
+
+    from test_run import tiny_config
+    from upm_jax import run
+    from upm_jax.data import synthetic
+    from upm_jax.workdir import Workdir
+
+    root = str(tmp_path / "prid")
+    synthetic.generate("prid2011", root, ids=8, seed=3, num_splits=2)
+
+    def config(**overrides):
+        return tiny_config(data__root=root, data__split_file=synthetic.split_file(root),
+                           data__synthetic_ids=0, data__splits="all", train__steps=3,
+                           train__checkpoint_every=1, **overrides)
+
+    alone, together = str(tmp_path / "alone"), str(tmp_path / "together")
+    want = run.run(config(), alone)
+    run.run(config(train__steps=2, train__parallel_splits=2), together, mode="train")
+    got = run.run(config(train__parallel_splits=2), together, overwrite=True)
+    assert _files(together) == _files(alone)
+    for number in (1, 2):
+        (one,), (two,) = (Workdir(w).split(number).models("upm_local") for w in (alone, together))
+        (want_state, want_step), (got_state, got_step) = _restore(one), _restore(two)
+        assert want_step == got_step == 3
+        gaps = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got_state, want_state)
+        assert max(jax.tree.leaves(gaps)) < 1e-4, gaps
+        for line_alone, line_together in zip(open(one.metrics), open(two.metrics)):
+            a, b = json.loads(line_alone), json.loads(line_together)
+            assert a["step"] == b["step"]
+            np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+            np.testing.assert_allclose(b["lr"], a["lr"], rtol=1e-7)
+    results = [json.load(open(Workdir(w).results)) for w in (together, alone)]
+    assert results[0].keys() == results[1].keys() == got.keys() == want.keys()
+    numbers = [[], []]
+    for k, tree in enumerate(results):
+        jax.tree.map(lambda v, k=k: numbers[k].append(v) if isinstance(v, (int, float)) else None,
+                     tree)
+    np.testing.assert_allclose(numbers[0], numbers[1], rtol=1e-5, atol=1e-6)
+
+
+def test_parallel_splits_is_checked():
+    from test_run import tiny_config
+    from upm_jax import config as config_lib
+
+    for value in (0, -2):
+        with pytest.raises(config_lib.ConfigError, match="expected the number of splits"):
+            config_lib.check_config(tiny_config(train__parallel_splits=value), num_devices=8)
+    with pytest.raises(config_lib.ConfigError, match="config.data.resident=True"):
+        config_lib.check_config(tiny_config(train__parallel_splits=2, data__resident=False),
+                                num_devices=8)

@@ -31,12 +31,13 @@ from upm_jax.config import ConfigError
 from upm_jax.files import atomic_write
 
 # Fields a later invocation may change: they say where the data is, how it is read (every
-# source and reader count gives the same batches) or how often to log and checkpoint, or
-# only affect extraction and evaluation, never the trained model.
+# source and reader count gives the same batches), how often to log and checkpoint, how many
+# splits train side by side (each as it would alone), or only affect extraction and
+# evaluation, never the trained model.
 FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "data.source",
                "data.data_dir", "data.workers", "data.prefetch", "model.allow_scratch",
                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-               "train.divergence_factor", "eval.")
+               "train.divergence_factor", "train.parallel_splits", "eval.")
 # Stems of the features files: the trained model's, and the untrained network's.
 FEATURES = "features"
 INITIAL_FEATURES = "initial_features"

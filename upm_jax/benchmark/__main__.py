@@ -369,6 +369,12 @@ def parse_args(argv):
     parser.add_argument("--train-set", default="",
                         help="compile section: FRAMES:T1,T2,... training frames and tracklets "
                         "per camera, for a dataset upm_jax ships no protocol file of")
+    parser.add_argument("--parallel-splits", default="1",
+                        help="compile and splits sections: comma list of how many splits train "
+                        "side by side (config.train.parallel_splits)")
+    parser.add_argument("--shared-frames", type=int, default=0,
+                        help="compile section: resident frames of splits side by side (default: "
+                        "bounded by the protocol's frames, benchmark/compile.py)")
     parser.add_argument("--out", default="benchmark.json")
     return parser.parse_args(argv)
 
@@ -385,7 +391,9 @@ def bench_compile(args):
             config, config_name=name, targets=args.targets.split(","),
             dtypes=args.dtypes.split(","),
             precisions=[p for p in args.precisions.split(",") if p],
-            train_set=args.train_set, steps=args.compile_steps.split(",")):
+            train_set=args.train_set, steps=args.compile_steps.split(","),
+            parallel_splits=[int(n) for n in args.parallel_splits.split(",")],
+            shared_frames=args.shared_frames):
         print(compile_bench.format_row(row), flush=True)
         rows.append(row)
     return rows
