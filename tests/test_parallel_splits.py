@@ -171,9 +171,10 @@ def test_a_run_side_by_side_equals_one_after_another(tmp_path):
     synthetic.generate("prid2011", root, ids=8, seed=3, num_splits=2)
 
     def config(**overrides):
-        return tiny_config(data__root=root, data__split_file=synthetic.split_file(root),
-                           data__synthetic_ids=0, data__splits="all", train__steps=3,
-                           train__checkpoint_every=1, **overrides)
+        fields = dict(data__root=root, data__split_file=synthetic.split_file(root),
+                      data__synthetic_ids=0, data__splits="all", train__steps=3,
+                      train__checkpoint_every=1)
+        return tiny_config(**dict(fields, **overrides))
 
     alone, together = str(tmp_path / "alone"), str(tmp_path / "together")
     want = run.run(config(), alone)

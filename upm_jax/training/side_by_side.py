@@ -95,19 +95,26 @@ class SplitGroup:
         each split's own frame count)."""
         union, where = data_lib.shared_frames(tables)
         frames, loading = data_lib.input_from_config(self.config, union)
-        self.image = data_lib.load_resident(union, frames, self.mesh, loading=loading)["image"]
+        image = data_lib.load_resident(union, frames, self.mesh, loading=loading)["image"]
+        self.place_resident(image, where, [t.track for t in tables],
+                            [t.camera for t in tables], rows=rows)
+        return union.num_frames
+
+    def place_resident(self, image, where, track, camera, rows=None):
+        """Holds `image` (uint8 [R, H, W, 3], replicated on the group's mesh) as the shared
+        frames and, per split k, `where[k]`, `track[k]`, `camera[k]` ([N_k]: each position's
+        row of `image`, tracklet and camera) as its table on the split axis."""
+        self.image = image
         length = max([rows or 0] + self.num_frames)
 
         def padded(columns):
             return np.stack([np.pad(np.asarray(c, np.int32), (0, length - len(c)))
                              for c in columns])   # [G, length]
 
-        host = {"rows": padded(where), "track": padded([t.track for t in tables]),
-                "camera": padded([t.camera for t in tables])}
+        host = {"rows": padded(where), "track": padded(track), "camera": padded(camera)}
         self.tables = {k: jax.make_array_from_callback(v.shape, self.splits,
                                                        lambda idx, v=v: v[idx])
                        for k, v in host.items()}
-        return union.num_frames
 
     def input_shapes(self, shared_frames, rows=None):
         """(index, tables, image) of one step as jax.ShapeDtypeStructs with their shardings:
