@@ -143,24 +143,43 @@ def test_splits_side_by_side_equal_their_one_split_runs(pool, one_split_runs, nu
 
 
 def _restore(model_dir):
-    """The final TrainState in a model folder, as numpy (whatever sharding it was saved with)."""
+    """(the newest checkpoint's arrays as numpy, its step) in a model folder."""
     import orbax.checkpoint as ocp   # noqa: PLC0415
-    with ocp.CheckpointManager(model_dir.checkpoints) as manager:
-        return manager.restore(manager.latest_step()), manager.latest_step()
+    from upm_jax import checkpoints as checkpoints_lib   # noqa: PLC0415
+    saved = checkpoints_lib.Checkpoints(model_dir.checkpoints, read_only=True)
+    try:
+        step = saved.latest_step()
+        tree = saved._manager.item_metadata(step).tree   # noqa: SLF001
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return saved._manager.restore(step, args=ocp.args.PyTreeRestore(  # noqa: SLF001
+            restore_args=args)), step
+    finally:
+        saved.close()
 
 
 def _files(workdir):
+    """The workdir's files (a checkpoint as its step folder: orbax names its own files)."""
     import os  # noqa: PLC0415
-    return sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, files in os.walk(workdir)
-                  for f in files if "tensorboard" not in d and ".lock" not in f)
+    names = set()
+    for folder, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), workdir).split(os.sep)
+            if "checkpoints" in path:
+                path = path[:path.index("checkpoints") + 2]
+            if "tensorboard" not in path and name != ".lock":
+                names.add("/".join(path))
+    return sorted(names)
 
 
 @pytest.mark.slow
-def test_a_run_side_by_side_equals_one_after_another(tmp_path):
-    """Two splits of different frame counts trained side by side (in two invocations: the
-    group resumes from its checkpoints) leave the workdir one after another leaves: the same
-    files, each split's state within its own rounding noise, the same results."""
+def test_a_run_side_by_side_equals_one_after_another(tmp_path, monkeypatch):
+    """Two splits of different frame counts trained side by side on 8 devices (in two
+    invocations: the group resumes from its checkpoints) leave the workdir that one after
+    another leaves: the same files, each split's state within its run's own rounding noise
+    (the same run on one device, as test_train's 8-vs-1 yardstick), the same losses and
+    results."""
     import json  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
 
     from test_run import tiny_config
     from upm_jax import run
@@ -172,25 +191,29 @@ def test_a_run_side_by_side_equals_one_after_another(tmp_path):
 
     def config(**overrides):
         fields = dict(data__root=root, data__split_file=synthetic.split_file(root),
-                      data__synthetic_ids=0, data__splits="all", train__steps=3,
+                      data__synthetic_ids=0, data__splits="all", train__steps=2,
                       train__checkpoint_every=1)
         return tiny_config(**dict(fields, **overrides))
 
-    alone, together = str(tmp_path / "alone"), str(tmp_path / "together")
+    alone, together, one_device = (str(tmp_path / n) for n in ("alone", "together", "one"))
     want = run.run(config(), alone)
-    run.run(config(train__steps=2, train__parallel_splits=2), together, mode="train")
+    run.run(config(train__steps=1, train__parallel_splits=2), together, mode="train")
     got = run.run(config(train__parallel_splits=2), together, overwrite=True)
+    make_mesh = run.parallel.make_mesh
+    monkeypatch.setattr(run.parallel, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
+    run.run(config(), one_device, mode="train")
     assert _files(together) == _files(alone)
     for number in (1, 2):
-        (one,), (two,) = (Workdir(w).split(number).models("upm_local") for w in (alone, together))
+        one, two, noise = (Workdir(w).split(number).models("upm_local")[0]
+                           for w in (alone, together, one_device))
         (want_state, want_step), (got_state, got_step) = _restore(one), _restore(two)
-        assert want_step == got_step == 3
-        gaps = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got_state, want_state)
-        assert max(jax.tree.leaves(gaps)) < 1e-4, gaps
+        assert want_step == got_step == 2
+        _assert_within_noise(SimpleNamespace(**got_state), SimpleNamespace(**want_state),
+                             SimpleNamespace(**_restore(noise)[0]))
         for line_alone, line_together in zip(open(one.metrics), open(two.metrics)):
             a, b = json.loads(line_alone), json.loads(line_together)
             assert a["step"] == b["step"]
-            np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+            np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
             np.testing.assert_allclose(b["lr"], a["lr"], rtol=1e-7)
     results = [json.load(open(Workdir(w).results)) for w in (together, alone)]
     assert results[0].keys() == results[1].keys() == got.keys() == want.keys()

@@ -203,7 +203,7 @@ def make_split_train_step(model, optimizer: str, *, mesh, margin: float = 0.5, e
     ``optim.Schedule`` of [G] values; index: int32 [G, B], positions in each split's table;
     tables: {"rows": int32 [G, N] (each position's row of ``image``), "track", "camera":
     int32 [G, N]}; image: uint8 [R, H, W, 3] replicated, the frames of all the splits.
-    Returns (new state, metrics of [G] float32 values); the state is donated.
+    Returns (new state, metrics of [G] float32 values, replicated); the state is donated.
     """
     return _make_split_train_step(model, optimizer, mesh, float(margin), float(eta),
                                   float(weight_decay), float(clip), float(ema_decay),
@@ -246,7 +246,8 @@ def _make_split_train_step(model, optimizer, mesh, margin, eta, weight_decay, cl
 
     jitted = jax.jit(split_train_step,
                      in_shardings=(splits, splits, batches, splits, replicated),
-                     out_shardings=(splits, splits), donate_argnums=(0,))
+                     # the metrics replicated: every process reads every split's
+                     out_shardings=(splits, replicated), donate_argnums=(0,))
 
     def check(index, tables, image):
         missing = [k for k in SPLIT_TABLE_KEYS if k not in tables]
