@@ -142,13 +142,13 @@ def test_splits_side_by_side_equal_their_one_split_runs(pool, one_split_runs, nu
                            second["backbone"]["Conv2d_0"]["kernel"])
 
 
-def _restore(model_dir):
-    """(the newest checkpoint's arrays as numpy, its step) in a model folder."""
+def _restore(model_dir, step=None):
+    """(the arrays of the checkpoint of `step` (default the newest) as numpy, its step)."""
     import orbax.checkpoint as ocp   # noqa: PLC0415
     from upm_jax import checkpoints as checkpoints_lib   # noqa: PLC0415
     saved = checkpoints_lib.Checkpoints(model_dir.checkpoints, read_only=True)
     try:
-        step = saved.latest_step()
+        step = saved.latest_step() if step is None else step
         tree = saved._manager.item_metadata(step).tree   # noqa: SLF001
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return saved._manager.restore(step, args=ocp.args.PyTreeRestore(  # noqa: SLF001
@@ -176,15 +176,18 @@ def test_a_run_side_by_side_equals_one_after_another(tmp_path, monkeypatch):
     """Two splits of different frame counts trained side by side on 8 devices (in two
     invocations: the group resumes from its checkpoints) leave the workdir that one after
     another leaves: the same files, each split's state within its run's own rounding noise
-    (the same run on one device, as test_train's 8-vs-1 yardstick), the same losses and
-    results."""
-    import json  # noqa: PLC0415
-    from types import SimpleNamespace  # noqa: PLC0415
+    (the same run on one device, as test_train's 8-vs-1 yardstick), the same losses at
+    every step and the same results.
 
+    The states are compared after the first step: this small from-scratch model's second
+    update (gradient norm ~130, clipped) amplifies rounding chaotically (its own one-device
+    run then differs by 3% of the largest weight); the second step's loss, computed by the
+    resumed group from the first step's state, is compared instead. The step itself is held
+    to the noise yardstick over 4 steps in test_splits_side_by_side_equal_their_one_split_runs.
+    """
     from test_run import tiny_config
     from upm_jax import run
     from upm_jax.data import synthetic
-    from upm_jax.workdir import Workdir
 
     root = str(tmp_path / "prid")
     synthetic.generate("prid2011", root, ids=8, seed=3, num_splits=2)
@@ -202,14 +205,23 @@ def test_a_run_side_by_side_equals_one_after_another(tmp_path, monkeypatch):
     make_mesh = run.parallel.make_mesh
     monkeypatch.setattr(run.parallel, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
     run.run(config(), one_device, mode="train")
+    _check_equal_workdirs(alone, together, one_device, got, want)
+
+
+def _check_equal_workdirs(alone, together, one_device, got, want):
+    import json  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from upm_jax.workdir import Workdir
+
     assert _files(together) == _files(alone)
     for number in (1, 2):
         one, two, noise = (Workdir(w).split(number).models("upm_local")[0]
                            for w in (alone, together, one_device))
-        (want_state, want_step), (got_state, got_step) = _restore(one), _restore(two)
-        assert want_step == got_step == 2
+        assert _restore(one)[1] == _restore(two)[1] == 2
+        (want_state, _), (got_state, _) = _restore(one, 1), _restore(two, 1)
         _assert_within_noise(SimpleNamespace(**got_state), SimpleNamespace(**want_state),
-                             SimpleNamespace(**_restore(noise)[0]))
+                             SimpleNamespace(**_restore(noise, 1)[0]))
         for line_alone, line_together in zip(open(one.metrics), open(two.metrics)):
             a, b = json.loads(line_alone), json.loads(line_together)
             assert a["step"] == b["step"]
