@@ -39,7 +39,17 @@ def _schedule(num_frames):
                                total_steps=STEPS, cross_start=num_frames // 30)
 
 
+_INITIAL = {}
+
+
 def _initial_state(model, mesh):
+    """The initial state (the same for every split: one seed), created once per mesh."""
+    if mesh not in _INITIAL:
+        _INITIAL[mesh] = _host(_create_state(model, mesh))
+    return parallel.replicate(_INITIAL[mesh], mesh)
+
+
+def _create_state(model, mesh):
     dims = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE, 3))))
     feat = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, *IMAGE, 3))), dims)
     memory = AnchorMemory.zeros(SIZES, feat.shape[1], feat.shape[2])
