@@ -99,6 +99,12 @@ def get_base_config():
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3
     config.train.log_every = 100
+    # Splits trained side by side: groups of this many splits (of a benchmark whose splits
+    # have the same training tracklet counts: PRID2011, iLIDS-VID) advance together in one
+    # jitted step, each with its own frames, schedule and split_K/ folder, as if trained
+    # alone (docs/training.md, "Splits side by side"); 1 = one after another. Needs
+    # data.resident: the group's frames are resident once for all its splits.
+    config.train.parallel_splits = 1
 
     config.eval = ml_collections.ConfigDict()
     # Extraction batch (global); 0 = chosen per backend (extract.extraction_batch): one
@@ -284,6 +290,15 @@ def check_config(config, *, num_devices):
     _positive(config, "train.steps", "train.batch_size", "train.checkpoint_every",
               "train.log_every", "train.keep_checkpoints", "model.n_part",
               "model.depth_multiplier")
+    parallel_splits = config.train.parallel_splits
+    if (isinstance(parallel_splits, bool) or not isinstance(parallel_splits, int)
+            or parallel_splits < 1):
+        raise ConfigError(f"config.train.parallel_splits={parallel_splits!r}: expected the number "
+                          "of splits trained side by side (1 = one after another)")
+    if parallel_splits > 1 and not config.data.resident:
+        raise ConfigError(f"config.train.parallel_splits={parallel_splits}: splits trained side by "
+                          "side read their frames from the accelerator; set "
+                          "config.data.resident=True (or parallel_splits=1)")
     if config.train.divergence_factor < 0:
         raise ConfigError(f"config.train.divergence_factor={config.train.divergence_factor}: "
                           "expected 0 (off) or a multiple above 1, e.g. 100")

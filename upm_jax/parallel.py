@@ -45,6 +45,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+# The leading axis of splits trained side by side (config.train.parallel_splits).
+SPLIT_AXIS = "split"
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -53,6 +55,27 @@ def make_mesh(devices=None) -> Mesh:
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def split_mesh(mesh: Mesh, num_splits: int) -> Mesh:
+    """The mesh of ``num_splits`` splits trained side by side on ``mesh``'s devices: axes
+    ("split", "data") of shape (S, D / S) with S = gcd(num_splits, D), in ``mesh``'s device
+    order. Each group of D / S devices holds num_splits / S whole splits and shares their
+    batches on "data" as one split's step does; S = D puts whole splits on each device (no
+    data parallelism), S = 1 is the data-parallel step of every split."""
+    devices = np.asarray(mesh.devices).reshape(-1)
+    groups = int(np.gcd(int(num_splits), devices.size))
+    return Mesh(devices.reshape(groups, devices.size // groups), (SPLIT_AXIS, DATA_AXIS))
+
+
+def split_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (split) axis split over "split" of a ``split_mesh``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(SPLIT_AXIS))
+
+
+def split_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[splits, batch] over ("split", "data") of a ``split_mesh``."""
+    return NamedSharding(mesh, PartitionSpec(SPLIT_AXIS, DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

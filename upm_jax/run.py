@@ -24,6 +24,7 @@ from upm_jax.data import person_splits, synthetic
 from upm_jax.data import tree as tree_lib
 from upm_jax.evaluation import summary as summary_lib
 from upm_jax.progress import say
+from upm_jax.training import side_by_side
 from upm_jax.training import trainer as trainer_lib
 from upm_jax.training.trainer import TrainingDiverged
 from upm_jax.workdir import FEATURES, INITIAL_FEATURES, Workdir, WorkdirError
@@ -88,30 +89,16 @@ def _run_modes(config, workdir, mode):
     say(f"splits {numbers} of {source}")
     # every split's resident frames padded to the largest: one compiled training step
     resident_rows = max(train_frames.values(), default=None) if config.data.resident else None
-    for number in numbers:
-        split = workdir.split(number)
-        model_dirs = split.models(config.method)
-        dataset = None
+    size = config.train.parallel_splits
+    for group in [numbers[i:i + size] for i in range(0, len(numbers), size)]:
+        datasets = {}
         if mode in ("train", "all"):
-            dataset = _load_dataset(config, split)
-            for model_dir in model_dirs:
-                if config.eval.initial and mode == "all":
-                    extract.initial_features(config, dataset, model_dir, mesh)
-                trainer_lib.train_model(config, dataset, model_dir, mesh,
-                                        resident_rows=resident_rows)
-        if mode in ("extract", "all"):
-            # the tables just read serve extraction too; alone, it reads the recorded test set
-            eval_set = dataset if dataset is not None else _eval_set(config, split)
-            for model_dir in model_dirs:
-                extract.extract_model(config, eval_set, model_dir, mesh)
-        if mode in ("evaluate", "all") and jax.process_index() == 0:
-            results[f"split_{number}"] = _evaluate_split(config, split, model_dirs)
-            if config.eval.initial and (mode == "all" or all(
-                    os.path.isfile(m.features(INITIAL_FEATURES)) for m in model_dirs)):
-                # a later --mode evaluate reports the untrained network again when every
-                # model kept its features, as the run that wrote them did
-                initial[f"split_{number}"] = _evaluate_split(config, split, model_dirs,
-                                                             INITIAL_FEATURES)
+            datasets = {n: _load_dataset(config, workdir.split(n)) for n in group}
+            _train_splits(config, workdir, group, datasets, mesh, resident_rows,
+                          initial=config.eval.initial and mode == "all")
+        for number in group:
+            _extract_evaluate_split(config, workdir, number, datasets.get(number), mode, mesh,
+                                    results, initial)
     if not results:
         return {}
     summary = summary_lib.summarize(results)
@@ -120,6 +107,43 @@ def _run_modes(config, workdir, mode):
     summary_lib.write_summary(summary, workdir.results, workdir.cmc_plot)
     say(f"wrote {workdir.results} and {workdir.cmc_plot}")
     return summary
+
+
+def _train_splits(config, workdir, numbers, datasets, mesh, resident_rows, *, initial):
+    """Trains every model of splits `numbers`: one split after another, or side by side
+    (config.train.parallel_splits > 1), model by model. `initial`: first write the untrained
+    network's features of each model."""
+    for index in range(len(methods.METHODS[config.method])):
+        model_dirs = [workdir.split(n).models(config.method)[index] for n in numbers]
+        if initial:
+            for number, model_dir in zip(numbers, model_dirs):
+                extract.initial_features(config, datasets[number], model_dir, mesh)
+        if len(numbers) > 1:
+            side_by_side.train_side_by_side(config, [datasets[n] for n in numbers], model_dirs,
+                                            mesh, resident_rows=resident_rows)
+        else:
+            trainer_lib.train_model(config, datasets[numbers[0]], model_dirs[0], mesh,
+                                    resident_rows=resident_rows)
+
+
+def _extract_evaluate_split(config, workdir, number, dataset, mode, mesh, results, initial):
+    """Extraction and evaluation of split `number` as `mode` asks, into `results` (and
+    `initial`: the untrained network's). `dataset`: its tables when training read them."""
+    split = workdir.split(number)
+    model_dirs = split.models(config.method)
+    if mode in ("extract", "all"):
+        # the tables just read serve extraction too; alone, it reads the recorded test set
+        eval_set = dataset if dataset is not None else _eval_set(config, split)
+        for model_dir in model_dirs:
+            extract.extract_model(config, eval_set, model_dir, mesh)
+    if mode in ("evaluate", "all") and jax.process_index() == 0:
+        results[f"split_{number}"] = _evaluate_split(config, split, model_dirs)
+        if config.eval.initial and (mode == "all" or all(
+                os.path.isfile(m.features(INITIAL_FEATURES)) for m in model_dirs)):
+            # a later --mode evaluate reports the untrained network again when every
+            # model kept its features, as the run that wrote them did
+            initial[f"split_{number}"] = _evaluate_split(config, split, model_dirs,
+                                                         INITIAL_FEATURES)
 
 
 def _evaluate_split(config, split, model_dirs, stem=FEATURES):

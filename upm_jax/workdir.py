@@ -36,12 +36,13 @@ from upm_jax.config import ConfigError
 from upm_jax.files import atomic_write, remove_temporaries
 
 # Fields a later invocation may change: they say where the data is, how it is read (every
-# source and reader count gives the same batches) or how often to log and checkpoint, or
-# only affect extraction and evaluation, never the trained model.
+# source and reader count gives the same batches), how often to log and checkpoint, how many
+# splits train side by side (each as it would alone), or only affect extraction and
+# evaluation, never the trained model.
 FREE_FIELDS = ("data.root", "data.resident", "data.skip_corrupt", "data.source",
                "data.data_dir", "data.workers", "data.prefetch", "model.allow_scratch",
                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-               "train.divergence_factor", "eval.")
+               "train.divergence_factor", "train.parallel_splits", "eval.")
 # The config fields that hold paths (recorded relative to the workdir when inside it).
 PATH_FIELDS = ("data.root", "data.split_file", "data.data_dir", "model.pretrained")
 _WORKDIR_PLACEHOLDER = "{workdir}"

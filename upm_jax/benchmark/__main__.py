@@ -22,6 +22,9 @@ Sections:
   evaluate  evaluator seconds and peak memory at MARS size (`benchmark/evaluation.py`)
   memory    peak memory of extraction and evaluation at MARS size (`benchmark/memory.py`;
             not in the default sections: it writes several GB under --memory-workdir)
+  splits    seconds per split-step of splits trained side by side in one step
+            (config.train.parallel_splits: --parallel-splits counts) against one split's
+            step, wall and CPU (not in the default sections)
   compile   the config's training step and extraction function compiled ahead of time for
             --targets (TPU topologies, an H100) with its own models, shapes and batch:
             FLOPs, bytes, memory, collectives, precisions and the roofline per device
@@ -48,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from upm_jax import config as config_lib  # noqa: E402
+from upm_jax import data as data_lib  # noqa: E402
 from upm_jax import extract as extract_lib  # noqa: E402
 from upm_jax import methods  # noqa: E402
 from upm_jax import parallel  # noqa: E402
@@ -208,6 +212,64 @@ def bench_train(backbone, head, batch, dtype, args, mesh):
                 xla_argument_mb=memory.argument_size_in_bytes / 2**20 if memory else None,
                 kernel_s_per_step=float(kernel_s), minor_faults_per_step=float(faults),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+
+
+def bench_splits(backbone, head, batch, dtype, args, mesh):
+    """Seconds (wall and this process's CPU) per split-step: splits side by side in one step
+    (config.train.parallel_splits, `training/side_by_side.py`) against one split's step, as
+    splits one after another run it, on the train section's resident set."""
+    from upm_jax.training import side_by_side  # noqa: PLC0415
+    config = bench_config(backbone, head, dtype, batch, args)
+    table = _training_table()
+    trainer = trainer_lib.make_trainer(config, head, table, mesh, load_weights=False)
+    height, width = trainer.image_shape
+    image = np.random.default_rng(0).integers(0, 256, (_FRAMES, height, width, 3), np.uint8)
+    counts = [int(n) for n in args.parallel_splits.split(",")]
+
+    def measure(advance, splits):
+        """(wall, CPU) seconds per split-step of `advance(step)` over args.steps steps."""
+        usage = []
+
+        def run_steps():
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            for step in range(args.steps):
+                metrics = advance(step)
+            jax.block_until_ready(metrics["loss"])
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+        median, _, _ = timed(run_steps, args.repeats)
+        return median / args.steps / splits, float(np.median(usage[1:])) / args.steps / splits
+
+    seconds = {}
+    # the groups first: the one split's step then donates the trainer's state
+    for count in sorted(set(counts) - {1}, reverse=True):
+        group = side_by_side.SplitGroup(config, [trainer] * count, mesh)
+        group.place_resident(parallel.replicate(image, group.mesh), [np.arange(_FRAMES)] * count,
+                             [table.track] * count, [table.camera] * count)
+        seconds[count] = measure(group.step, count)
+        group = None
+    resident = parallel.replicate({"image": image, "track": table.track,
+                                   "camera": table.camera}, mesh)
+    indices = data_lib.resident_batches(_FRAMES, global_batch=batch, seed=config.seed,
+                                        mesh=mesh)
+
+    def one_split(step):
+        del step   # the next batch, drawn on the host as in a run
+        trainer.state, metrics = trainer.step_fn(trainer.state, trainer.schedule, next(indices),
+                                                 resident)
+        return metrics
+
+    seconds[1] = measure(one_split, 1)
+    alone = seconds[1][0]
+    return [dict(row_base(dtype, batch), section="splits", backbone=backbone,
+                 method=METHOD_OF_HEAD[head], image_size=args.image_size,
+                 depth_multiplier=config.model.depth_multiplier, splits=count,
+                 seconds_per_split_step=seconds[count][0],
+                 cpu_seconds_per_split_step=seconds[count][1],
+                 speedup_over_one_after_another=alone / seconds[count][0],
+                 load_average_1min=os.getloadavg()[0])
+            for count in counts]
 
 
 def largest_batch(backbone, head, dtype, args, mesh):
@@ -423,6 +485,12 @@ def parse_args(argv):
     parser.add_argument("--train-set", default="",
                         help="compile section: FRAMES:T1,T2,... training frames and tracklets "
                         "per camera, for a dataset upm_jax ships no protocol file of")
+    parser.add_argument("--parallel-splits", default="1",
+                        help="compile and splits sections: comma list of how many splits train "
+                        "side by side (config.train.parallel_splits)")
+    parser.add_argument("--shared-frames", type=int, default=0,
+                        help="compile section: resident frames of splits side by side (default: "
+                        "bounded by the protocol's frames, benchmark/compile.py)")
     parser.add_argument("--out", default="benchmark.json")
     return parser.parse_args(argv)
 
@@ -439,7 +507,9 @@ def bench_compile(args):
             config, config_name=name, targets=args.targets.split(","),
             dtypes=args.dtypes.split(","),
             precisions=[p for p in args.precisions.split(",") if p],
-            train_set=args.train_set, steps=args.compile_steps.split(",")):
+            train_set=args.train_set, steps=args.compile_steps.split(","),
+            parallel_splits=[int(n) for n in args.parallel_splits.split(",")],
+            shared_frames=args.shared_frames):
         print(compile_bench.format_row(row), flush=True)
         rows.append(row)
     return rows
@@ -475,6 +545,9 @@ def main(argv=None):
                         emit([row])
                 if "extract" in sections:
                     emit(bench_extract(backbone, head, args.extract_batch, dtype, args, mesh))
+                if "splits" in sections:
+                    emit(bench_splits(backbone, head, int(args.batches.split(",")[0]), dtype,
+                                      args, mesh))
     if "export" in sections:
         for backbone in args.backbones.split(","):
             for method in args.export_methods.split(","):

@@ -32,6 +32,7 @@ from upm_jax import methods
 from upm_jax import parallel
 from upm_jax.benchmark import hlo
 from upm_jax.data import synthetic
+from upm_jax.training import side_by_side
 from upm_jax.training import state as state_lib
 from upm_jax.training import trainer as trainer_lib
 
@@ -243,6 +244,33 @@ def compile_train(config, head, mesh, train_set, target):
     return row, compiled, lowered
 
 
+def compile_split_train(config, head, mesh, train_set, target, num_splits, shared_frames):
+    """(row fields, compiled, lowered) of the training step of `num_splits` splits side by
+    side (`training.side_by_side`) holding `shared_frames` resident frames, with the memory
+    it leaves for more splits: per split-step figures are the row's over `num_splits`."""
+    trainer = trainer_lib.make_trainer(config, head, train_set, mesh, abstract=True)
+    group = side_by_side.SplitGroup(config, [trainer] * num_splits, mesh, abstract=True)
+    index, tables, image = group.input_shapes(shared_frames, rows=train_set.num_frames)
+    start = time.perf_counter()
+    lowered = group.step_fn.lower(group.state, group.schedule, index, tables, image)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    batch = config.train.batch_size
+    row = analyse(compiled, lowered, target, dtype=config.model.dtype,
+                  precision=config.model.matmul_precision, batch=batch * num_splits,
+                  num_devices=mesh.size)
+    frames_mb = math.prod(image.shape) / 2**20   # replicated: on every device
+    # the rest of the peak grows with the splits a device holds: an estimate of how many fit
+    per_split_mb = (row["peak_mb"] - frames_mb) / (num_splits / group.mesh.shape["split"])
+    row.update(step="train", batch=batch, splits=num_splits, compile_s=seconds,
+               split_mesh=dict(group.mesh.shape), resident_frames=shared_frames,
+               resident_mb=frames_mb, per_split_mb=per_split_mb,
+               roofline_ms_per_split_step=row["roofline_ms"] / num_splits,
+               splits_fit=int((row["hbm_mb"] - frames_mb) // per_split_mb) * group.mesh.shape[
+                   "split"])
+    return row, compiled, lowered
+
+
 def compile_extract(config, head, mesh, target):
     """(row fields, compiled, lowered) of the config's extraction function for `head`."""
     model = methods.build_model(config, head)
@@ -261,10 +289,23 @@ def compile_extract(config, head, mesh, target):
     return row, compiled, lowered
 
 
+def shared_frames_bound(config, train_set, num_splits, override=0):
+    """The resident frames of `num_splits` splits side by side: `override`, else at most
+    num_splits times the largest split's frames and at most every frame of the protocol's
+    persons (`data.protocol_frames`), which ten PRID2011 or iLIDS-VID splits nearly reach."""
+    if override:
+        return int(override)
+    try:
+        every = data_lib.protocol_frames(config.data.layout)
+    except data_lib.DatasetError as e:
+        raise SystemExit(f"error: {e}: give --shared-frames N") from None
+    return min(num_splits * train_set.num_frames, every)
+
+
 def compile_rows(config, *, config_name, targets, dtypes, precisions, train_set="",
-                 steps=("train", "extract")):
-    """Yields one row per (target, model of the method, dtype, precision, step), each as
-    soon as it is compiled."""
+                 steps=("train", "extract"), parallel_splits=(1,), shared_frames=0):
+    """Yields one row per (target, model of the method, dtype, precision, step; for the
+    training step, per count of `parallel_splits`), each as soon as it is compiled."""
     shape = train_set_shape(config, train_set)
     for name in targets:
         mesh = target_mesh(name)
@@ -282,8 +323,13 @@ def compile_rows(config, *, config_name, targets, dtypes, precisions, train_set=
                                 train_set=f"{shape.num_frames}:"
                                           f"{','.join(map(str, shape.tracklets_per_camera))}",
                                 load_average_1min=os.getloadavg()[0])
-                    if "train" in steps:
-                        fields, _, _ = compile_train(variant, head, mesh, shape, target)
+                    for splits in parallel_splits if "train" in steps else ():
+                        if splits == 1:
+                            fields, _, _ = compile_train(variant, head, mesh, shape, target)
+                        else:
+                            fields, _, _ = compile_split_train(
+                                variant, head, mesh, shape, target, splits,
+                                shared_frames_bound(config, shape, splits, shared_frames))
                         yield dict(base, **fields)
                     if "extract" in steps:
                         fields, _, _ = compile_extract(variant, head, mesh, target)
@@ -300,5 +346,15 @@ def format_row(row):
             f"{row['dtype']}/{row['matmul_precision']} batch {row['batch']}: "
             f"{row['gflops']:.1f} GFLOP, {row['gb_accessed']:.2f} GB, peak {row['peak_mb']:.0f} "
             f"of {row['hbm_mb']:.0f} MB, code {row['code_mb']:.1f} MB; >= {row['roofline_ms']:.2f} "
-            f"ms ({per_s}, {row['bound']}-bound); collectives: {collectives}; "
+            f"ms ({per_s}, {row['bound']}-bound){_splits_text(row)}; collectives: {collectives}; "
             f"precision {row['operand_precision']}; compiled in {row['compile_s']:.0f} s")
+
+
+def _splits_text(row):
+    """What a row of splits side by side adds to its line."""
+    if row.get("splits", 1) == 1:
+        return ""
+    return (f"; {row['splits']} splits side by side on {row['split_mesh']}: >= "
+            f"{row['roofline_ms_per_split_step']:.2f} ms per split-step, {row['resident_frames']} "
+            f"shared frames ({row['resident_mb']:.0f} MB), ~{row['per_split_mb']:.0f} MB per "
+            f"split: ~{row['splits_fit']} splits fit")

@@ -4,13 +4,14 @@ Readers and tables need only NumPy/SciPy/Pillow; the pipeline functions import J
 """
 from upm_jax.data.images import decode_resize, resize_bilinear_tf1
 from upm_jax.data.readers import (LAYOUTS, SplitPlan, check_split_spec, inspect_disk, load_dataset,
-                                  protocol_training_sets, resolve_splits, tracklets_on_disk)
+                                  protocol_frames, protocol_training_sets, resolve_splits,
+                                  tracklets_on_disk)
 from upm_jax.data.table import DatasetError, FrameTable, ReidDataset
 
 
 _PIPELINE = ("batch_indices", "RawFrames", "Loading", "StepBatches", "OrderedBatches",
-             "train_batches", "load_resident", "ordered_batches", "resident_batches",
-             "auto_workers", "frame_source", "input_from_config")
+             "train_batches", "load_resident", "shared_frames", "ordered_batches",
+             "resident_batches", "auto_workers", "frame_source", "input_from_config")
 
 
 def __getattr__(name):
@@ -23,5 +24,5 @@ def __getattr__(name):
 
 __all__ = ["DatasetError", "FrameTable", "LAYOUTS", "ReidDataset", "decode_resize",
            "SplitPlan", "check_split_spec", "inspect_disk", "load_dataset",
-           "protocol_training_sets", "resize_bilinear_tf1", "resolve_splits", "tracklets_on_disk",
+           "protocol_frames", "protocol_training_sets", "resize_bilinear_tf1", "resolve_splits", "tracklets_on_disk",
            *_PIPELINE]

@@ -34,7 +34,7 @@ from upm_jax.data import images
 from upm_jax.data.table import FrameTable
 
 __all__ = ["batch_indices", "RawFrames", "Loading", "StepBatches", "OrderedBatches",
-           "train_batches", "load_resident", "resident_batches", "ordered_batches",
+           "train_batches", "load_resident", "shared_frames", "resident_batches", "ordered_batches",
            "auto_workers", "frame_source", "input_from_config"]
 
 SOURCES = ("raw", "prepared")
@@ -304,6 +304,33 @@ def load_resident(table: FrameTable, frames, mesh, *, rows: int | None = None,
     replicated = parallel.replicated(mesh)
     return {k: jax.make_array_from_callback(v.shape, replicated, lambda idx, v=v: v[idx])
             for k, v in host.items()}
+
+
+def shared_frames(tables) -> tuple:
+    """The frames of several training tables of one dataset held once: (a FrameTable of
+    their distinct frames by path, in the order first met, [rows_k] with rows_k int64
+    [N_k] the row of each frame of table k in it). The tables' tracklets are concatenated
+    into its own (a frame keeps the tracklet of the first table that has it); splits
+    trained side by side sample their own rows of one resident copy of these frames."""
+    if not tables:
+        raise ValueError("shared_frames needs at least one table")
+    path = np.concatenate([t.path for t in tables])
+    _, first, inverse = np.unique(path, return_index=True, return_inverse=True)
+    order = np.argsort(first)                 # distinct frames in the order first met
+    rank = np.empty(len(first), np.int64)
+    rank[order] = np.arange(len(first))
+    keep = first[order]                       # their rows in the concatenation
+    offsets = np.cumsum([0] + [t.num_tracklets for t in tables[:-1]])
+    tracklet = np.concatenate([t.tracklet + o for t, o in zip(tables, offsets)])
+    union = FrameTable(
+        path=path[keep], tracklet=tracklet[keep].astype(np.int32),
+        frame=np.concatenate([t.frame for t in tables])[keep],
+        tracklet_camera=np.concatenate([t.tracklet_camera for t in tables]),
+        tracklet_pid=np.concatenate([t.tracklet_pid for t in tables]),
+        tracklet_index=np.concatenate([t.tracklet_index for t in tables]),
+        num_cameras=max(t.num_cameras for t in tables))
+    bounds = np.cumsum([t.num_frames for t in tables])[:-1]
+    return union, np.split(rank[inverse.reshape(-1)], bounds)
 
 
 def resident_batches(num_frames: int, *, global_batch: int, seed: int, mesh,

@@ -70,6 +70,17 @@ def resolve_splits(layout: str, root: str, splits="1", split_file: str | None = 
                      {n: twocam.train_frames(inventory, source, n) for n in numbers})
 
 
+def protocol_frames(layout: str) -> int:
+    """Every frame of the protocol's persons (split 1's training and test frames together,
+    from the protocol file shipped with upm_jax): the most frames splits trained side by
+    side can share. PRID2011 / iLIDS-VID only (DatasetError otherwise)."""
+    _check_layout(layout)
+    if layout not in SPLIT_LAYOUTS:
+        raise DatasetError(f"{layout}: has a single protocol, no splits to train side by side")
+    split = person_splits.read_split_file(_TWOCAM[layout].default_split_file).get(1)
+    return int(sum(sum(split.frames[part].values()) for part in ("train", "test")))
+
+
 def check_split_spec(splits, field: str = "splits") -> None:
     """Fails on a split spec no dataset can satisfy (syntax only; no folder is read)."""
     person_splits.parse_spec(splits, field)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from upm_jax import parallel
 from upm_jax.training import optim
@@ -75,13 +76,9 @@ def make_train_step(model, optimizer: str, *, mesh, margin: float = 0.5, eta: fl
                             tuple(tuple(s) for s in frozen_scopes))
 
 
-@functools.lru_cache(maxsize=16)
-def _make_train_step(model, optimizer, mesh, margin, eta, weight_decay, clip, ema_decay,
-                     frozen_scopes):
-    tx = optim.make_optimizer(optimizer)
-    replicated = parallel.replicated(mesh)
-    data = parallel.batch_sharding(mesh)
-    num_devices = mesh.devices.size
+def _train_body(model, tx, replicated, margin, eta, weight_decay, clip, ema_decay, frozen_scopes):
+    """One step of one run before jit (see make_train_step); `replicated`: the sharding the
+    global batch's features, tracklets and cameras are constrained to before the association."""
 
     def train(state: TrainState, schedule: optim.Schedule, image, track, camera):
         _check_partition(state, frozen_scopes)
@@ -117,6 +114,20 @@ def _make_train_step(model, optimizer, mesh, margin, eta, weight_decay, clip, em
                    "cross_consistent": aux["cross_consistent"],
                    "negative_fallback": aux["negative_fallback"], "grad_norm": grad_norm}
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return train
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(model, optimizer, mesh, margin, eta, weight_decay, clip, ema_decay,
+                     frozen_scopes):
+    tx = optim.make_optimizer(optimizer)
+    replicated = parallel.replicated(mesh)
+    data = parallel.batch_sharding(mesh)
+    num_devices = mesh.devices.size
+
+    train = _train_body(model, tx, replicated, margin, eta, weight_decay, clip, ema_decay,
+                        frozen_scopes)
 
     def train_step(state, schedule, image, track, camera):
         return train(state, schedule, image, track, camera)
@@ -171,4 +182,95 @@ def _make_train_step(model, optimizer, mesh, margin, eta, weight_decay, clip, em
 
     step_fn.lower = lower
     step_fn.train = train
+    return step_fn
+
+
+SPLIT_TABLE_KEYS = ("rows", "track", "camera")
+
+
+def make_split_train_step(model, optimizer: str, *, mesh, margin: float = 0.5, eta: float = 0.5,
+                          weight_decay: float = 4e-5, clip: float = 2.0,
+                          ema_decay: float = 0.9999, frozen_scopes):
+    """The jitted step of several splits trained side by side:
+    ``step_fn(state, schedule, index, tables, image)``.
+
+    Every split's step is ``make_train_step``'s body, vmapped over a leading split axis G of
+    the state, the schedule, the batch and the split's frame table; the frames are shared.
+    ``mesh``: a ``parallel.split_mesh`` (axes "split", "data"): the split axis is sharded on
+    "split" and each split's batch on "data", so a group of devices holds whole splits and
+    shares their batches as one split's step shares its batch. Arguments:
+    state: a TrainState whose every leaf has the leading axis G; schedule: an
+    ``optim.Schedule`` of [G] values; index: int32 [G, B], positions in each split's table;
+    tables: {"rows": int32 [G, N] (each position's row of ``image``), "track", "camera":
+    int32 [G, N]}; image: uint8 [R, H, W, 3] replicated, the frames of all the splits.
+    Returns (new state, metrics of [G] float32 values, replicated); the state is donated.
+    """
+    return _make_split_train_step(model, optimizer, mesh, float(margin), float(eta),
+                                  float(weight_decay), float(clip), float(ema_decay),
+                                  tuple(tuple(s) for s in frozen_scopes))
+
+
+@functools.lru_cache(maxsize=16)
+def _make_split_train_step(model, optimizer, mesh, margin, eta, weight_decay, clip, ema_decay,
+                           frozen_scopes):
+    if tuple(mesh.axis_names) != (parallel.SPLIT_AXIS, parallel.DATA_AXIS):
+        raise ValueError(f"split train step: the mesh must come from parallel.split_mesh (axes "
+                         f"{(parallel.SPLIT_AXIS, parallel.DATA_AXIS)}), got {mesh.axis_names}")
+    # the body of one split: its batch replicated over its group's "data" devices, with the
+    # split axis manual (each group runs its own splits)
+    manual = mesh.abstract_mesh.update_axis_types({parallel.SPLIT_AXIS: AxisType.Manual})
+    train = _train_body(model, optim.make_optimizer(optimizer), NamedSharding(manual, P()),
+                        margin, eta, weight_decay, clip, ema_decay, frozen_scopes)
+    splits = parallel.split_sharding(mesh)
+    batches = parallel.split_batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
+    data_devices = mesh.shape[parallel.DATA_AXIS]
+
+    def one_split(state, schedule, index, rows, track, camera, image):
+        index = index.astype(jnp.int32)  # [B] positions in this split's table
+        return train(state, schedule, image[rows[index]], track[index], camera[index])
+
+    # Each group of devices runs the vmapped body on its own splits (manual over "split",
+    # the body's "data" sharding left to the partitioner). A plain vmap with the split axis
+    # sharded by the partitioner computed wrong features on XLA:CPU (jax 0.10.2): the
+    # vmapped convolutions of a split-sharded batch, checked in tests/test_parallel_splits.py.
+    local = jax.shard_map(
+        jax.vmap(one_split, in_axes=(0, 0, 0, 0, 0, 0, None)), mesh=mesh,
+        in_specs=(P(parallel.SPLIT_AXIS),) * 6 + (P(),),
+        out_specs=(P(parallel.SPLIT_AXIS), P(parallel.SPLIT_AXIS)),
+        axis_names={parallel.SPLIT_AXIS})
+
+    def split_train_step(state, schedule, index, tables, image):
+        return local(state, schedule, index, tables["rows"], tables["track"], tables["camera"],
+                     image)
+
+    jitted = jax.jit(split_train_step,
+                     in_shardings=(splits, splits, batches, splits, replicated),
+                     # the metrics replicated: every process reads every split's
+                     out_shardings=(splits, replicated), donate_argnums=(0,))
+
+    def check(index, tables, image):
+        missing = [k for k in SPLIT_TABLE_KEYS if k not in tables]
+        if missing:
+            raise ValueError(f"split train step: tables lack {missing}; got {sorted(tables)}")
+        if image.dtype != jnp.uint8 or image.ndim != 4:
+            raise ValueError(f"split train step: image must be uint8 [R, H, W, 3], got "
+                             f"{image.dtype} {tuple(image.shape)}")
+        if index.ndim != 2 or index.shape[1] % data_devices:
+            raise ValueError(f"split train step: index must be [splits, batch] with the batch "
+                             f"divisible by the {data_devices} devices of the mesh's "
+                             f"'{parallel.DATA_AXIS}' axis, got {tuple(index.shape)}")
+        return {k: tables[k] for k in SPLIT_TABLE_KEYS}
+
+    def step_fn(state: TrainState, schedule: optim.Schedule, index, tables, image):
+        if not isinstance(schedule, optim.Schedule):
+            raise TypeError(f"split train step: the second argument must be an optim.Schedule, "
+                            f"got {type(schedule).__name__}")
+        return jitted(state, schedule, index, check(index, tables, image), image)
+
+    def lower(state: TrainState, schedule: optim.Schedule, index, tables, image):
+        """The lowered XLA computation (arguments may be jax.ShapeDtypeStructs)."""
+        return jitted.lower(state, schedule, index, check(index, tables, image), image)
+
+    step_fn.lower = lower
     return step_fn
