@@ -1,5 +1,7 @@
 """Splits trained side by side (config.train.parallel_splits): each split's state equals its
 own one-split run to that run's rounding noise, at the step and through the whole run."""
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,8 +185,9 @@ def _files(workdir):
 
 @pytest.mark.slow
 def test_a_run_side_by_side_equals_one_after_another(tmp_path, monkeypatch):
-    """Two splits of different frame counts trained side by side on 8 devices (in two
-    invocations: the group resumes from its checkpoints) leave the workdir that one after
+    """Two splits of different frame counts trained side by side on 8 devices (stopped by
+    SIGTERM after the first step, which saves every split's checkpoint and names them, then
+    resumed by a second invocation) leave the workdir that one after
     another leaves: the same files, each split's state within its run's own rounding noise
     (the same run on one device, as test_train's 8-vs-1 yardstick), the same losses at
     every step and the same results.
@@ -195,9 +198,12 @@ def test_a_run_side_by_side_equals_one_after_another(tmp_path, monkeypatch):
     resumed group from the first step's state, is compared instead. The step itself is held
     to the noise yardstick over 4 steps in test_splits_side_by_side_equal_their_one_split_runs.
     """
+    from test_interrupts import _signal_at_call
     from test_run import tiny_config
+    from upm_jax import interrupts
     from upm_jax import run
     from upm_jax.data import synthetic
+    from upm_jax.training import side_by_side
 
     root = str(tmp_path / "prid")
     synthetic.generate("prid2011", root, ids=8, seed=3, num_splits=2)
@@ -210,7 +216,14 @@ def test_a_run_side_by_side_equals_one_after_another(tmp_path, monkeypatch):
 
     alone, together, one_device = (str(tmp_path / n) for n in ("alone", "together", "one"))
     want = run.run(config(), alone)
-    run.run(config(train__steps=1, train__parallel_splits=2), together, mode="train")
+    with monkeypatch.context() as m:
+        _signal_at_call(m, side_by_side.SplitGroup, "step", 1, signal.SIGTERM)
+        with interrupts.installed(), pytest.raises(interrupts.Interrupted) as stopped:
+            run.run(config(train__parallel_splits=2), together, mode="train")
+    assert stopped.value.status == 143 and str(stopped.value) == (
+        f"stopped by SIGTERM: splits 1,2 lam: saved the checkpoints of step 1 in "
+        f"{together}/split_1/lam/checkpoints, {together}/split_2/lam/checkpoints; run the same "
+        "command again to resume from them")
     got = run.run(config(train__parallel_splits=2), together, overwrite=True)
     make_mesh = run.parallel.make_mesh
     monkeypatch.setattr(run.parallel, "make_mesh", lambda: make_mesh(jax.devices()[:1]))

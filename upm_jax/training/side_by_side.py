@@ -23,7 +23,9 @@ import tqdm
 from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import config as config_lib
 from upm_jax import data as data_lib
+from upm_jax import interrupts
 from upm_jax import parallel
+from upm_jax import progress
 from upm_jax.progress import say
 from upm_jax.training import metrics as metrics_lib
 from upm_jax.training import step as step_lib
@@ -204,7 +206,9 @@ def _train_group(config, members, mesh, start, resident_rows):
         frames = group.load_resident([d.train for d in datasets], rows=resident_rows)
         say(f"{label}: {group.size} splits side by side in one step on "
             f"{dict(group.mesh.shape)} devices, {frames} distinct training frames resident")
-        writers = [metrics_lib.MetricsWriter(m.metrics, m.tensorboard) for m in model_dirs]
+        # rows logged after the checkpoint resumed from are dropped: they are logged again
+        writers = [metrics_lib.MetricsWriter(m.metrics, m.tensorboard, resume_step=start)
+                   for m in model_dirs]
         _train_loop(config, group, checkpoints, writers, start, label)
     finally:
         for writer in writers:
@@ -225,30 +229,49 @@ def _train_loop(config, group, checkpoints, writers, start, label):
     bar = tqdm.tqdm(total=total, initial=start, desc=label, unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start
-    for step in range(start, total):
-        pending.append((step, group.step(step)))
-        done = step + 1
-        save = done % config.train.checkpoint_every == 0 or done == total
-        if done % config.train.log_every == 0 or save:
-            host = jax.device_get(pending)
-            pending = []
-            now = time.perf_counter()
-            rate = (done - last_step) / max(now - last_time, 1e-9)   # steps/s of each split
-            last_time, last_step = now, done
-            for k, (guard, writer) in enumerate(zip(guards, writers)):
-                mine = [(s, {name: v[k] for name, v in m.items()}) for s, m in host]
-                guard.check_losses(mine)
-                writer.write(done, dict(mine[-1][1], steps_per_sec=rate,
-                                        frames_per_sec=rate * config.train.batch_size))
-            losses = host[-1][1]["loss"]
-            bar.set_postfix(loss=f"{float(np.mean(losses)):.4f}", steps_s=f"{rate:.2f}",
-                            split_steps_s=f"{rate * group.size:.2f}")
-            bar.update(done - bar.n)
-        if save:
-            states = [group.split_state(k) for k in range(group.size)]
-            for guard, state in zip(guards, states):   # every split checked before any save
-                guard.check_params(state, done)
-            for saved, state in zip(checkpoints, states):
-                saved.save(done, state)
-            del states
-    bar.close()
+    done, together = start, True
+    with interrupts.deferred() as stop:
+        for step in range(start, total):
+            if step == start:   # the call that compiles the step; the rate counts from after it
+                with progress.compiling(bar, "the training step"):
+                    pending.append((step, group.step(step)))
+                last_time = time.perf_counter()
+            else:
+                pending.append((step, group.step(step)))
+            done = step + 1
+            stopping = stop.requested(done)
+            save = done % config.train.checkpoint_every == 0 or done == total or stopping
+            if done % config.train.log_every == 0 or save:
+                host = jax.device_get(pending)
+                pending = []
+                now = time.perf_counter()
+                rate = (done - last_step) / max(now - last_time, 1e-9)   # steps/s of each split
+                last_time, last_step = now, done
+                for k, (guard, writer) in enumerate(zip(guards, writers)):
+                    mine = [(s, {name: v[k] for name, v in m.items()}) for s, m in host]
+                    guard.check_losses(mine)
+                    writer.write(done, dict(mine[-1][1], steps_per_sec=rate,
+                                            frames_per_sec=rate * config.train.batch_size))
+                losses = host[-1][1]["loss"]
+                bar.set_postfix(loss=f"{float(np.mean(losses)):.4f}", steps_s=f"{rate:.2f}",
+                                split_steps_s=f"{rate * group.size:.2f}")
+                bar.update(done - bar.n)
+            if save:
+                states = [group.split_state(k) for k in range(group.size)]
+                for guard, state in zip(guards, states):   # every split checked before any save
+                    guard.check_params(state, done)
+                for saved, state in zip(checkpoints, states):
+                    saved.save(done, state)   # asynchronous: waited for below
+                del states
+            if stopping:
+                break
+        else:   # a signal during the last steps, too late for the other processes
+            stopping, together = stop.requested_locally(), False
+        bar.close()
+        if stopping:
+            for saved in checkpoints:   # the process ends only once they are committed
+                saved.wait()
+            raise interrupts.Interrupted(
+                stop.signum, f"{label}: saved the checkpoints of step {done} in "
+                f"{', '.join(str(c.directory) for c in checkpoints)}; run the same command "
+                "again to resume from them", together=together)
