@@ -156,17 +156,13 @@ def test_splits_side_by_side_equal_their_one_split_runs(pool, one_split_runs, nu
 
 def _restore(model_dir, step=None):
     """(the arrays of the checkpoint of `step` (default the newest) as numpy, its step)."""
+    import os   # noqa: PLC0415
+
     import orbax.checkpoint as ocp   # noqa: PLC0415
-    from upm_jax import checkpoints as checkpoints_lib   # noqa: PLC0415
-    saved = checkpoints_lib.Checkpoints(model_dir.checkpoints, read_only=True)
-    try:
-        step = saved.latest_step() if step is None else step
-        tree = saved._manager.item_metadata(step).tree   # noqa: SLF001
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return saved._manager.restore(step, args=ocp.args.PyTreeRestore(  # noqa: SLF001
-            restore_args=args)), step
-    finally:
-        saved.close()
+    if step is None:
+        step = max(int(n) for n in os.listdir(model_dir.checkpoints) if n.isdigit())
+    path = os.path.join(model_dir.checkpoints, str(step), "default")
+    return jax.tree.map(np.asarray, ocp.PyTreeCheckpointer().restore(path)), step
 
 
 def _files(workdir):

@@ -185,7 +185,7 @@ def _train_group(config, members, mesh, start, resident_rows):
     writers = []
     try:
         if start == 0:
-            config_lib.check_weights(config)
+            config_lib.check_weights(config, initial_features=False)
         trainers = []
         for dataset, model_dir, saved in zip(datasets, model_dirs, checkpoints):
             trainer = trainer_lib.make_trainer(config, model_dir.head, dataset.train, mesh,
