@@ -33,8 +33,8 @@ def _tool_with_original():
     tool = _tool()
     if not os.path.isdir(tool.default_original()):
         # third-party code we run but may not ship: only its absence skips this comparison
-        pytest.skip(f"the original TF1 code is not at {tool.default_original()}; put "
-                    "../shared beside the clone or set UPM_TF1_ORIGINAL")
+        pytest.skip(f"the original TF1 code is not at {tool.default_original()}; set "
+                    "UPM_TF1_ORIGINAL to it (docs/faithfulness.md says how to obtain it)")
     return tool
 
 
