@@ -69,6 +69,15 @@ def _flip(path):
     open(path, "wb").write(bytes(data))
 
 
+def _alter_one_digest(path):
+    """Changes one recorded SHA-256 to another valid one: the file stays well-formed JSON,
+    so only its own checksum can tell."""
+    manifest = json.load(open(path))
+    entry = manifest["files"][sorted(manifest["files"])[0]]
+    entry["sha256"] = ("0" if entry["sha256"][0] != "0" else "1") + entry["sha256"][1:]
+    open(path, "w").write(json.dumps(manifest))
+
+
 def _largest_data_file(names, item):
     data = [n for n in names if n.startswith("ocdbt.process_0/d/")]
     return max(data, key=lambda n: os.path.getsize(os.path.join(item, n)))
@@ -96,8 +105,10 @@ def test_a_flipped_bit_in_any_file_is_named_before_anything_is_restored(saved, t
 
 def test_a_damaged_checksums_file_a_truncated_and_a_missing_file(saved, tmp_path):
     for case, (pick, damage, message) in enumerate([
-            (lambda names, item: CHECKSUMS, _flip,
+            (lambda names, item: CHECKSUMS, _alter_one_digest,
              rf"default/{CHECKSUMS} is damaged \(its own checksum does not match\)"),
+            (lambda names, item: CHECKSUMS, lambda p: open(p, "r+b").truncate(40),
+             rf"default/{CHECKSUMS} is damaged \("),
             (_largest_data_file, lambda p: open(p, "r+b").truncate(10), r"has 10 bytes, \d+ were"),
             (lambda names, item: "_METADATA", os.remove, "default/_METADATA is missing")]):
         directory, _ = _damaged_copy(saved, tmp_path / str(case), pick, damage)
