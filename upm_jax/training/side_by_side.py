@@ -13,19 +13,15 @@ every tool read the workdir as usual; a split may resume alone or in another gro
 """
 import collections
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from upm_jax import checkpoints as checkpoints_lib
 from upm_jax import config as config_lib
 from upm_jax import data as data_lib
-from upm_jax import interrupts
 from upm_jax import parallel
-from upm_jax import progress
 from upm_jax.progress import say
 from upm_jax.training import metrics as metrics_lib
 from upm_jax.training import step as step_lib
@@ -186,21 +182,8 @@ def _train_group(config, members, mesh, start, resident_rows):
     try:
         if start == 0:
             config_lib.check_weights(config, initial_features=False)
-        trainers = []
-        for dataset, model_dir, saved in zip(datasets, model_dirs, checkpoints):
-            trainer = trainer_lib.make_trainer(config, model_dir.head, dataset.train, mesh,
-                                               load_weights=start == 0)
-            if start:
-                trainer.state = saved.restore(checkpoints_lib.abstract_like(trainer.state))
-                say(f"{model_dir.label}: resuming from the checkpoint of step {start} in "
-                    f"{saved.directory}")
-            else:
-                say(f"{model_dir.label}: training {config.train.steps} steps into "
-                    f"{model_dir.path}")
-                if config.train.anchor_init == "features":
-                    trainer.state = trainer_lib._init_anchors_from_features(  # noqa: SLF001
-                        config, dataset, trainer, mesh)
-            trainers.append(trainer)
+        trainers = [trainer_lib.start_trainer(config, dataset, model_dir, mesh, saved, start)
+                    for dataset, model_dir, saved in zip(datasets, model_dirs, checkpoints)]
         group = SplitGroup(config, trainers, mesh)
         del trainers   # their states now live stacked in the group
         frames = group.load_resident([d.train for d in datasets], rows=resident_rows)
@@ -209,7 +192,10 @@ def _train_group(config, members, mesh, start, resident_rows):
         # rows logged after the checkpoint resumed from are dropped: they are logged again
         writers = [metrics_lib.MetricsWriter(m.metrics, m.tensorboard, resume_step=start)
                    for m in model_dirs]
-        _train_loop(config, group, checkpoints, writers, start, label)
+        trainer_lib.train_loop(
+            config, group.step, lambda: [group.split_state(k) for k in range(group.size)],
+            checkpoints, writers, start, label,
+            members=lambda m: [{name: v[k] for name, v in m.items()} for k in range(group.size)])
     finally:
         for writer in writers:
             writer.close()
@@ -218,60 +204,3 @@ def _train_group(config, members, mesh, start, resident_rows):
     for model_dir, saved in zip(model_dirs, checkpoints):
         say(f"{model_dir.label}: trained; checkpoints in {saved.directory}, scalars in "
             f"{model_dir.metrics}")
-
-
-def _train_loop(config, group, checkpoints, writers, start, label):
-    """`trainer._train_loop` for a group: every split's losses checked by its own guard,
-    its scalars written to its own metrics, its state saved by its own checkpoints."""
-    total = config.train.steps
-    guards = [trainer_lib.DivergenceGuard(config.train.divergence_factor, c) for c in checkpoints]
-    pending = []   # (step, device metrics of [G] values) not yet checked on the host
-    bar = tqdm.tqdm(total=total, initial=start, desc=label, unit="step",
-                    disable=jax.process_index() != 0, dynamic_ncols=True)
-    last_time, last_step = time.perf_counter(), start
-    done, together = start, True
-    with interrupts.deferred() as stop:
-        for step in range(start, total):
-            if step == start:   # the call that compiles the step; the rate counts from after it
-                with progress.compiling(bar, "the training step"):
-                    pending.append((step, group.step(step)))
-                last_time = time.perf_counter()
-            else:
-                pending.append((step, group.step(step)))
-            done = step + 1
-            stopping = stop.requested(done)
-            save = done % config.train.checkpoint_every == 0 or done == total or stopping
-            if done % config.train.log_every == 0 or save:
-                host = jax.device_get(pending)
-                pending = []
-                now = time.perf_counter()
-                rate = (done - last_step) / max(now - last_time, 1e-9)   # steps/s of each split
-                last_time, last_step = now, done
-                for k, (guard, writer) in enumerate(zip(guards, writers)):
-                    mine = [(s, {name: v[k] for name, v in m.items()}) for s, m in host]
-                    guard.check_losses(mine)
-                    writer.write(done, dict(mine[-1][1], steps_per_sec=rate,
-                                            frames_per_sec=rate * config.train.batch_size))
-                losses = host[-1][1]["loss"]
-                bar.set_postfix(loss=f"{float(np.mean(losses)):.4f}", steps_s=f"{rate:.2f}",
-                                split_steps_s=f"{rate * group.size:.2f}")
-                bar.update(done - bar.n)
-            if save:
-                states = [group.split_state(k) for k in range(group.size)]
-                for guard, state in zip(guards, states):   # every split checked before any save
-                    guard.check_params(state, done)
-                for saved, state in zip(checkpoints, states):
-                    saved.save(done, state)   # asynchronous: waited for below
-                del states
-            if stopping:
-                break
-        else:   # a signal during the last steps, too late for the other processes
-            stopping, together = stop.requested_locally(), False
-        bar.close()
-        if stopping:
-            for saved in checkpoints:   # the process ends only once they are committed
-                saved.wait()
-            raise interrupts.Interrupted(
-                stop.signum, f"{label}: saved the checkpoints of step {done} in "
-                f"{', '.join(str(c.directory) for c in checkpoints)}; run the same command "
-                "again to resume from them", together=together)

@@ -190,33 +190,40 @@ def train_model(config, dataset, model_dir, mesh, *, resident_rows=None):
     checkpoints = checkpoints_lib.Checkpoints(model_dir.checkpoints,
                                               keep=config.train.keep_checkpoints)
     try:
-        start = checkpoints.latest_step()
-        if start is None:
+        start = checkpoints.latest_step() or 0
+        if not start:
             config_lib.check_weights(config, initial_features=False)
-        trainer = make_trainer(config, model_dir.head, dataset.train, mesh,
-                               load_weights=start is None)
-        if start is not None:
-            trainer.state = checkpoints.restore(checkpoints_lib.abstract_like(trainer.state))
-            say(f"{where}: resuming from the checkpoint of step {start} in "
-                f"{checkpoints.directory}")
-        else:
-            start = 0
-            say(f"{where}: training {config.train.steps} steps into {model_dir.path}")
-            if config.train.anchor_init == "features":
-                trainer.state = _init_anchors_from_features(config, dataset, trainer, mesh)
+        trainer = start_trainer(config, dataset, model_dir, mesh, checkpoints, start)
         if config.data.resident:
             trainer.load_resident(max(resident_rows or 0, trainer.num_frames))
         # rows logged after the checkpoint resumed from are dropped: they are logged again
         writer = metrics_lib.MetricsWriter(model_dir.metrics, model_dir.tensorboard,
                                            resume_step=start)
         try:
-            _train_loop(config, trainer, checkpoints, writer, start, where)
+            batches = trainer.batches(start)
+            train_loop(config, lambda _: trainer.step(next(batches)), lambda: [trainer.state],
+                       [checkpoints], [writer], start, where, members=lambda m: [m])
         finally:
             writer.close()
     finally:
         checkpoints.close()
     say(f"{where}: trained; checkpoints in {checkpoints.directory}, scalars in "
         f"{model_dir.metrics}")
+
+
+def start_trainer(config, dataset, model_dir, mesh, checkpoints, start):
+    """The trainer of `model_dir`'s model at step `start`: restored from `checkpoints`
+    (start > 0), else initial (ImageNet weights; anchors as config.train.anchor_init)."""
+    trainer = make_trainer(config, model_dir.head, dataset.train, mesh, load_weights=not start)
+    if start:
+        trainer.state = checkpoints.restore(checkpoints_lib.abstract_like(trainer.state))
+        say(f"{model_dir.label}: resuming from the checkpoint of step {start} in "
+            f"{checkpoints.directory}")
+    else:
+        say(f"{model_dir.label}: training {config.train.steps} steps into {model_dir.path}")
+        if config.train.anchor_init == "features":
+            trainer.state = _init_anchors_from_features(config, dataset, trainer, mesh)
+    return trainer
 
 
 class DivergenceGuard:
@@ -259,54 +266,68 @@ def _all_finite(tree):
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _train_loop(config, trainer, checkpoints, writer, start, where):
-    """Steps from `start` to config.train.steps, logging and checkpointing; a stop signal
-    saves the step in flight and raises interrupts.Interrupted (see upm_jax.interrupts)."""
+def train_loop(config, advance, states, checkpoints, writers, start, label, *, members):
+    """Steps from `start` to config.train.steps for G models trained together: one model, or
+    the splits of a group side by side (`side_by_side`). A stop signal saves the step in
+    flight and raises interrupts.Interrupted (see upm_jax.interrupts).
+
+    `advance(step)` runs one step and returns its device metrics; `members(metrics)` gives
+    each model's metrics (G dicts) from the host copy; `states()` the G TrainStates;
+    model k's losses are checked by its own divergence guard, its scalars written by
+    `writers[k]` and its state saved by `checkpoints[k]`.
+    """
     total = config.train.steps
-    guard = DivergenceGuard(config.train.divergence_factor, checkpoints)
+    guards = [DivergenceGuard(config.train.divergence_factor, c) for c in checkpoints]
     pending = []   # (step, device metrics) not yet checked on the host
-    bar = tqdm.tqdm(total=total, initial=start, desc=where, unit="step",
+    bar = tqdm.tqdm(total=total, initial=start, desc=label, unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start
     done, together = start, True
     with interrupts.deferred() as stop:
-        for step, batch in zip(range(start, total), trainer.batches(start)):
+        for step in range(start, total):
             if step == start:   # the call that compiles the step; the rate counts from after it
                 with progress.compiling(bar, "the training step"):
-                    pending.append((step, trainer.step(batch)))
+                    pending.append((step, advance(step)))
                 last_time = time.perf_counter()
             else:
-                pending.append((step, trainer.step(batch)))
+                pending.append((step, advance(step)))
             done = step + 1
             stopping = stop.requested(done)
             save = done % config.train.checkpoint_every == 0 or done == total or stopping
             if done % config.train.log_every == 0 or save:
-                host = jax.device_get(pending)
+                host = [(s, members(m)) for s, m in jax.device_get(pending)]
                 pending = []
-                guard.check_losses(host)
                 now = time.perf_counter()
-                rate = (done - last_step) / max(now - last_time, 1e-9)
+                rate = (done - last_step) / max(now - last_time, 1e-9)   # steps/s of each model
                 last_time, last_step = now, done
-                scalars = dict(host[-1][1], steps_per_sec=rate,
-                               frames_per_sec=rate * config.train.batch_size)
-                writer.write(done, scalars)
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{rate:.2f}",
-                                frames_s=f"{rate * config.train.batch_size:.0f}")
+                for k, (guard, writer) in enumerate(zip(guards, writers)):
+                    guard.check_losses([(s, m[k]) for s, m in host])
+                    writer.write(done, dict(host[-1][1][k], steps_per_sec=rate,
+                                            frames_per_sec=rate * config.train.batch_size))
+                loss = np.mean([m["loss"] for m in host[-1][1]])
+                frames = rate * config.train.batch_size * len(writers)
+                bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", frames_s=f"{frames:.0f}")
                 bar.update(done - bar.n)
             if save:
-                guard.check_params(trainer.state, done)
-                checkpoints.save(done, trainer.state)   # asynchronous: waited for below
+                saving = states()
+                for guard, state in zip(guards, saving):   # every model checked before any save
+                    guard.check_params(state, done)
+                for saved, state in zip(checkpoints, saving):
+                    saved.save(done, state)   # asynchronous: waited for below
+                del saving
             if stopping:
                 break
         else:   # a signal during the last steps, too late for the other processes
             stopping, together = stop.requested_locally(), False
         bar.close()
         if stopping:
-            checkpoints.wait()   # the process ends only once the checkpoint is committed
+            for saved in checkpoints:   # the process ends only once they are committed
+                saved.wait()
+            what, them = ("checkpoint", "it") if len(checkpoints) == 1 else ("checkpoints", "them")
             raise interrupts.Interrupted(
-                stop.signum, f"{where}: saved the checkpoint of step {done} in "
-                f"{checkpoints.directory}; run the same command again to resume from it",
-                together=together)
+                stop.signum, f"{label}: saved the {what} of step {done} in "
+                f"{', '.join(str(c.directory) for c in checkpoints)}; run the same command "
+                f"again to resume from {them}", together=together)
 
 
 def _init_anchors_from_features(config, dataset, trainer, mesh):
