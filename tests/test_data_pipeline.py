@@ -51,12 +51,15 @@ def test_resize_matches_hand_computed_tf1_values():
 def test_resize_matches_tensorflow_v1_bit_exactly():
     import tensorflow as tf
     rng = np.random.default_rng(0)
-    for h, w, oh, ow in ((16, 8, 32, 16), (37, 23, 64, 32), (50, 30, 20, 10)):
+    # one thread's scratch buffers grow and are reused: larger, smaller, one axis unchanged
+    for h, w, oh, ow in ((16, 8, 32, 16), (37, 23, 64, 32), (50, 30, 20, 10), (300, 151, 256, 128),
+                         (64, 32, 64, 16), (20, 40, 60, 40), (16, 8, 32, 16)):
         x = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
         ref = tf.compat.v1.image.resize_bilinear(x[None].astype(np.float32), (oh, ow),
                                                  align_corners=False,
                                                  half_pixel_centers=False).numpy()[0]
         assert np.array_equal(images.resize_bilinear_tf1(x, oh, ow), ref)
+        assert np.array_equal(images.resize_uint8(x, oh, ow), np.rint(ref).astype(np.uint8))
 
 
 def test_decode_resize_png_and_jpeg(tmp_path):
@@ -275,8 +278,10 @@ def test_pipeline_names_a_corrupt_frame(ds, tmp_path):
 def test_input_benchmark_records(tmp_path):
     from upm_jax.benchmark import input as input_bench
     decode = input_bench.decode_resize_throughput(num_images=4, min_seconds=0.01)
-    assert [r["format"] for r in decode] == ["png", "jpeg"]
-    assert all(r["out_size"] == [256, 128] and r["frames_per_s"] > 0 for r in decode)
+    assert [(r["format"], r["in_size"], r["out_size"]) for r in decode] == [
+        ("png", [128, 64], [256, 128]), ("jpeg", [128, 64], [256, 128]),
+        ("png", [256, 128], [224, 112]), ("jpeg", [256, 128], [224, 112])]
+    assert all(r["frames_per_s"] > 0 for r in decode)
     pipeline = input_bench.pipeline_throughput(ids=2, image_size=64, batch=8,
                                                worker_counts=(0,), min_seconds=0.01,
                                                folder=str(tmp_path))

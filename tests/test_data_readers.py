@@ -278,7 +278,7 @@ def test_corrupt_image_skip_and_report(prid, tmp_path):
         f.write(b"not a png")
     from upm_jax.data import images
     with pytest.raises(DatasetError, match=r"cannot decode image .*" + os.path.basename(bad) +
-                       r": cannot identify image file '[^']*'; fix or remove the file, or set "
+                       r": not an image format Pillow reads; fix or remove the file, or set "
                        r"--config.data.skip_corrupt=True"):
         images.decode(bad)
     skipped = load_dataset("prid2011", root, split_file=split_file, skip_corrupt=True)

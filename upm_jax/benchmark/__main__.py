@@ -13,9 +13,9 @@ Sections:
   train     training steps/s and frames/s (on-device dataset), XLA FLOPs per step, MFU
   extract   extraction frames/s with the on-device input and the host pipeline
   input     frames/s and frames per CPU-second: decode + resize (PNG and JPEG, 128x64 ->
-            image size), the grain pipeline from raw files and from a prepared set per
-            worker count, and the host cores each shipped config needs at the roofline
-            step rate (`benchmark/input.py`)
+            256x128 and 256x128 -> 224x112), the grain pipeline from raw files and from a
+            prepared set per worker count, and the host cores each shipped config needs at
+            the roofline step rate (`benchmark/input.py`)
   export    extraction frames/s of each exported artifact (python -m upm_jax.export) run by
             its own runtime, next to upm_jax's own, and each one's load time (from the file
             to the first features); methods from --export-methods (default upm: LAM + GAM)
@@ -388,8 +388,7 @@ def bench_export(backbone, method, dtype, args):
 
 def bench_input(args):
     from upm_jax.benchmark import input as input_bench  # noqa: PLC0415
-    records = input_bench.decode_resize_throughput(image_size=args.image_size,
-                                                   min_seconds=args.input_seconds)
+    records = input_bench.decode_resize_throughput(min_seconds=args.input_seconds)
     pipeline = input_bench.pipeline_throughput(
         ids=args.input_ids, image_size=args.image_size, batch=args.input_batch,
         worker_counts=[int(w) for w in args.input_workers.split(",")],

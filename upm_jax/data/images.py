@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import functools
+import io
+import threading
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from upm_jax.data.table import DatasetError
 
@@ -25,29 +27,65 @@ def _axis_weights(in_size: int, out_size: int):
     return lo, hi, lerp
 
 
-def resize_bilinear_tf1(image: np.ndarray, height: int, width: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _plan(h: int, w: int, c: int, height: int, width: int):
+    """Row sources and weights, and column sources and weights per channel (the columns of
+    a [h, w * c] view), of resizing [h, w, c] to [height, width, c]."""
+    y0, y1, wy = _axis_weights(h, height)
+    x0, x1, wx = _axis_weights(w, width)
+    channel = np.arange(c)
+    return (y0, y1, wy[:, None], (x0[:, None] * c + channel).ravel(),
+            (x1[:, None] * c + channel).ravel(), np.repeat(wx, c))   # [width * c] each
+
+
+class _Scratch(threading.local):
+    """Float buffers of one thread, kept from frame to frame: a fresh array this size is
+    mapped by malloc and faulted in page by page on every frame (most of the old cost).
+    One pair per role, grown to the largest frame seen (frames of any size share it)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def pair(self, role, shape):
+        """Two float32 arrays of `shape` for `role` (distinct roles never share memory)."""
+        size = int(np.prod(shape))
+        if role not in self.buffers or self.buffers[role][0].size < size:
+            self.buffers[role] = (np.empty(size, np.float32), np.empty(size, np.float32))
+        return tuple(b[:size].reshape(shape) for b in self.buffers[role])
+
+
+_scratch = _Scratch()
+
+
+def resize_bilinear_tf1(image: np.ndarray, height: int, width: int, *, out=None) -> np.ndarray:
     """Resizes [h, w, C] to float32 [height, width, C] exactly as TF1's resize_bilinear.
 
     align_corners=False, half_pixel_centers=False; horizontal lerp first, then vertical,
-    in float32, as the TF kernel computes it.
+    in float32, as the TF kernel computes it. `out`: a float32 [height, width * C] array to
+    write into (returned reshaped), else a new one.
     """
-    img = np.asarray(image, dtype=np.float32)
+    img = np.asarray(image)
     if img.ndim != 3:
         raise ValueError(f"resize_bilinear_tf1: expected [h, w, C], got shape {img.shape}")
-    y0, y1, wy = _axis_weights(img.shape[0], height)
-    x0, x1, wx = _axis_weights(img.shape[1], width)
-    # in-place ops, same float32 expression order as TF: a + (b - a) * lerp
-    left = np.take(img, x0, axis=1)                                 # [h, width, C]
-    rows = np.take(img, x1, axis=1)
+    h, w, c = img.shape
+    y0, y1, wy, x0, x1, wx = _plan(h, w, c, height, width)
+    flat = img.reshape(h, w * c)
+    left, rows = _scratch.pair("rows", (h, width * c))
+    # gather in the input's dtype, then widen: the same float32 values as widening first
+    np.copyto(left, np.take(flat, x0, axis=1), casting="unsafe")
+    np.copyto(rows, np.take(flat, x1, axis=1), casting="unsafe")
+    # same float32 expression order as TF: a + (b - a) * lerp
     rows -= left
-    rows *= np.repeat(wx, img.shape[2]).reshape(width, img.shape[2])  # [width, C]: fast broadcast
-    rows += left
-    top = np.take(rows, y0, axis=0)                                 # [height, width, C]
-    out = np.take(rows, y1, axis=0)
+    rows *= wx
+    rows += left                                                    # [h, width * C]
+    top = _scratch.pair("out", (height, width * c))[0]
+    out = np.empty((height, width * c), np.float32) if out is None else out
+    np.take(rows, y0, axis=0, out=top)
+    np.take(rows, y1, axis=0, out=out)
     out -= top
-    out *= wy[:, None, None]
+    out *= wy
     out += top
-    return out
+    return out.reshape(height, width, c)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -70,8 +108,13 @@ def decode(path: str) -> np.ndarray:
     """
     path = str(path)
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as f:   # one read: Pillow's own small reads cost more than this
+            data = io.BytesIO(f.read())
+        with Image.open(data) as im:
             return _to_rgb8(im, path)
+    except UnidentifiedImageError:
+        raise DatasetError(f"cannot decode image {path}: not an image format Pillow reads; "
+                           f"{_SKIP_ADVICE}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot decode image {path}: {e}; {_SKIP_ADVICE}") from e
 
@@ -115,9 +158,10 @@ def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
     TF1 bilinear, rounded to the nearest integer; a frame already that size is unchanged."""
     if image.shape[0] == height and image.shape[1] == width:
         return image
-    out = resize_bilinear_tf1(image, height, width)
+    out = _scratch.pair("out", (height, width * image.shape[2]))[1]
+    resize_bilinear_tf1(image, height, width, out=out)
     # bilinear weights are convex, so values stay within [0, 255]: round without clipping
-    return np.rint(out, out=out).astype(np.uint8)
+    return np.rint(out, out=out).astype(np.uint8).reshape(height, width, image.shape[2])
 
 
 def decode_resize(path: str, height: int, width: int) -> np.ndarray:
