@@ -6,7 +6,7 @@ import pytest
 
 from upm_jax.benchmark import __main__ as benchmark
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_device")]   # conftest
 
 
 def test_train_and_extract_rows(tmp_path):

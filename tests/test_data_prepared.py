@@ -22,6 +22,8 @@ from upm_jax.data import __main__ as data_cli
 from upm_jax.data import eval_set, prepared, tree
 from upm_jax.data.pipeline import OrderedBatches, StepBatches
 
+pytestmark = pytest.mark.usefixtures("one_device")   # conftest: runs on one device
+
 SIZE = 96   # 128x64 frames -> 96x48: a resize whose weights are not powers of two
 
 
@@ -337,10 +339,10 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
-# the two-camera readers (PRID2011's; iLIDS-VID's differ only in names) and MARS's, whose
-# record also holds its info/ files (DukeMTMC-VideoReID's reader lists its folders through the
-# same tree calls; its record is checked by the quick tests of this file)
-@pytest.mark.parametrize("layout", ["prid2011", "mars"])
+# MARS's layout, whose record also holds its info/ files (the other readers list their
+# folders through the same tree calls; every layout's record and batches are checked by the
+# quick tests of this file)
+@pytest.mark.parametrize("layout", ["mars"])
 def test_a_run_from_the_prepared_set_alone_gives_the_raw_folders_results(tmp_path, layout,
                                                                            compilation_cache,
                                                                            capsys):
@@ -363,10 +365,10 @@ def test_a_run_from_the_prepared_set_alone_gives_the_raw_folders_results(tmp_pat
     shutil.rmtree(info["root"])
     # the set alone: the release folder is gone and config.data.root is empty (a split file
     # the config names in the folder is the one the set recorded); training resumes from
-    # step 1 (its last checkpoint lost); extraction reads the recorded test set. PRID2011
-    # reads through grain worker processes.
-    data = dict(source="prepared", data_dir=str(tmp_path / "sets"), root="",
-                workers=1 if layout == "prid2011" else 0, prefetch=1)
+    # step 1 (its last checkpoint lost); extraction reads the recorded test set; frames are
+    # read through a grain worker process.
+    data = dict(source="prepared", data_dir=str(tmp_path / "sets"), root="", workers=1,
+                prefetch=1)
     workdir = str(tmp_path / "prepared")
     run.run(config(**data), workdir, "train")
     shutil.rmtree(tmp_path / "prepared" / "split_1" / "lam" / "checkpoints" / "2")

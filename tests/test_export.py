@@ -34,7 +34,7 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, one_device):
     """A finished `upm` run of the demo-size model (MobileNet v1 0.25, 2 parts) trained
     for STEPS steps on synthetic frames of 128x64 (model input 64x32): its features files
     and results.json. (An untrained network with BatchNorm statistics set from a few

@@ -20,6 +20,8 @@ from upm_jax import interrupts
 from upm_jax import run
 from upm_jax.training import trainer as trainer_lib
 
+pytestmark = pytest.mark.usefixtures("one_device")   # conftest: runs on one device
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
@@ -57,7 +59,7 @@ def _final_arrays(workdir):
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
+def interrupted(tmp_path_factory, one_device):
     """An uninterrupted 8-step run, and one stopped by SIGTERM after its 3rd step, killed
     rows appended after its checkpoint (as a SIGKILL after logging leaves them), resumed."""
     root = tmp_path_factory.mktemp("interrupts")
@@ -116,8 +118,7 @@ def test_ctrl_c_during_extraction_leaves_no_half_written_file(interrupted, monke
 def test_a_real_sigterm_exits_143_with_one_line_after_saving(tmp_path):
     """What a cluster or a preemptible VM sends, to the real command."""
     workdir = tmp_path / "w"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")   # one device
     proc = subprocess.Popen(
         [sys.executable, "-m", "upm_jax.main", "--config=configs/demo.py",
          f"--workdir={workdir}", "--mode=train", "--config.data.synthetic_ids=8",

@@ -14,6 +14,8 @@ import pytest
 
 from upm_jax import main as main_lib
 
+pytestmark = pytest.mark.usefixtures("one_device")   # conftest: runs on one device
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
@@ -59,7 +61,7 @@ def restore_raw(directory, step):
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory):
+def staged(tmp_path_factory, one_device):
     """train with a config, then extract and evaluate from the workdir alone."""
     workdir = str(tmp_path_factory.mktemp("staged"))
     flags_ = [*TINY, "--config.train.steps=6", "--config.train.checkpoint_every=3",
@@ -122,19 +124,27 @@ def test_demo_reports_initial_network_once(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """The command straight through, and killed after its first checkpoint then run again:
+    the same final state, bit for bit. Each run is a command of its own on one CPU device
+    (the three compile one training step: they share the test run's compilation cache)."""
     args = [*TINY, "--mode=train", "--config.train.steps=40",
             "--config.train.checkpoint_every=10"]
-    straight = tmp_path / "straight"
-    cli_run(str(straight), *args)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
 
-    killed = tmp_path / "killed"
-    # the same 8 CPU devices as this process (conftest), so the two runs are bitwise alike
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "upm_jax.main", "--config=configs/demo.py",
-         f"--workdir={killed}", *args], cwd=REPO, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def command(workdir):
+        return [sys.executable, "-m", "upm_jax.main", f"--config={DEMO}", f"--workdir={workdir}",
+                *args]
+
+    def finish(workdir):
+        done = subprocess.run(command(workdir), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    finish(straight)
+    proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     first = killed / "split_1" / "lam" / "checkpoints" / "10"
     deadline = time.time() + 300
     while not (first / "commit_success.txt").exists() and proc.poll() is None:
@@ -145,7 +155,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "split_1" / "lam" / "checkpoints" / "40").exists()
 
-    cli_run(str(killed), *args)   # also takes over the killed run's lock
+    finish(killed)   # also takes over the killed run's lock
     a = restore_raw(str(straight / "split_1" / "lam"), 40)
     b = restore_raw(str(killed / "split_1" / "lam"), 40)
     assert a.keys() == b.keys()

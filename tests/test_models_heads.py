@@ -307,12 +307,14 @@ def test_conv_impls_agree_on_cpu_and_compile_per_platform(head):
         lambda p: loss(auto, p), has_aux=True)(variables["params"])
     (_, feats_x), grads_x = jax.value_and_grad(
         lambda p: loss(xla, p), has_aux=True)(variables["params"])
+
     def flat(tree):
         return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
 
     # measured 2.1e-5 / 2.2e-5 (features) and 2.0e-5 / 1.9e-5 (gradients) for LAM / GAM
     assert rel(feats_a, feats_x) < 1e-4
     assert rel(flat(grads_a), flat(grads_x)) < 1e-4
+
     def grouped_convolutions(model):   # depthwise convolutions in the module lowered for CPU
         text = jax.jit(lambda p: loss(model, p)[0]).lower(variables["params"]).as_text()
         return sum(int(g) > 1 for g in re.findall(r"feature_group_count = (\d+)", text))

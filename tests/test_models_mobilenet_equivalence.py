@@ -5,7 +5,8 @@ EMA and RMSProp slots included). Our side: TF-free reader -> python -m upm_jax.p
 load_pretrained with the file's weights and BatchNorm moving statistics.
 
 References, with the same values (moving statistics included, inference-mode BN):
-- 224x224 and 256x128: ``keras.applications.MobileNet(weights=None, include_top=False)``.
+- 256x128 (the networks' input; even sizes pad alike at any size):
+  ``keras.applications.MobileNet(weights=None, include_top=False)``.
 - 225x161: Keras pads its strided depthwise convs with ZeroPadding2D(((0, 1), (0, 1))) and then
   VALID, which equals TF SAME (slim's padding) only on even sizes; on odd sizes SAME pads one on
   each side and keeps ceil(n / 2) rows, Keras floor(n / 2) (at 225x161 Keras ends on a 7x5 map,
@@ -129,7 +130,7 @@ def references(ported):
 
 
 @pytest.mark.parametrize("conv_impl", ["auto", "xla"])
-@pytest.mark.parametrize("size", [(224, 224), (256, 128), (225, 161)],
+@pytest.mark.parametrize("size", [(256, 128), (225, 161)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_mobilenet_matches_reference(ported, references, size, conv_impl):
     """Both formulations of the convolutions: 'auto' (this CPU's) and 'xla' (GPU/TPU's)."""

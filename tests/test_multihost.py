@@ -66,10 +66,39 @@ def _stop(proc):
     proc.wait()
 
 
+# jaxlib 0.10.2's CPU collectives now and then abort a process while gloo connects it
+# ("terminate called after throwing ... FATAL: exception not rethrown", SIGABRT), before
+# the run has begun: seen in 2 of about 20 launches of two processes on the 2-core
+# development machine. Not ours to fix: a fixture whose process ended that way starts its processes
+# once more, in a fresh folder; any other failure, or a second abort, fails the tests.
+STARTUP_ABORT = "FATAL: exception not rethrown"
+
+
+def _launched(tmp_path_factory, name, launch):
+    """launch(root) in a fresh folder, once more after a startup abort (STARTUP_ABORT)."""
+    root = tmp_path_factory.mktemp(name)
+    try:
+        result = launch(root)
+    except AssertionError:
+        if not _startup_aborted(root):
+            raise
+    else:
+        if not _startup_aborted(root):
+            return result
+    return launch(tmp_path_factory.mktemp(name))   # whatever happens now is the result
+
+
+def _startup_aborted(root):
+    return any(STARTUP_ABORT in path.read_text(errors="replace") for path in root.glob("*.log"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process with two devices, and two processes with one each, run side by side."""
-    root = tmp_path_factory.mktemp("multihost")
+    return _launched(tmp_path_factory, "multihost", _run_side_by_side)
+
+
+def _run_side_by_side(root):
     single, multi = str(root / "single"), str(root / "multi")
     address = f"127.0.0.1:{_free_port()}"
     procs = {"single": _start(single, _env(2), root / "single.log")}
@@ -157,7 +186,10 @@ LONG = [*DEMO[:3], "--config.train.steps=100000", "--config.train.checkpoint_eve
 def stopped(tmp_path_factory):
     """Two 2-process runs side by side: process 1 of one gets SIGTERM, process 1 of the
     other SIGKILL, once each trains; {name: (returncodes, seconds to end, log texts)}."""
-    root = tmp_path_factory.mktemp("stopped")
+    return _launched(tmp_path_factory, "stopped", _stop_pairs)
+
+
+def _stop_pairs(root):
     pairs = {}
     # process 0 hosts JAX's coordination service: its death ends the others through JAX
     # itself (see docs/reliability.md), so process 1 is the one stopped

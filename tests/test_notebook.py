@@ -32,7 +32,7 @@ def test_the_notebook_runs_top_to_bottom_on_a_cpu(tmp_path):
     nb.cells[1].source += f"\nEXTRA = ''\nWORKDIR = {workdir!r}\nDEMO = {SMALL_DEMO!r}\n"
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": ROOT}})
-    client.execute(env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=""))
+    client.execute(env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
     def text(cell_id):
         cell = next(c for c in nb.cells if c.id == cell_id)

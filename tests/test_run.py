@@ -1,6 +1,7 @@
-"""The run library in-process on 8 fake devices: uPMnet's two models and their fused
-features, several splits with their mean, MATLAB exports, pooled feature files, and the
-workdir as the record (refusals, lock, stages from the workdir alone, faults)."""
+"""The run library in-process, on one CPU device (`one_device`; whole runs on 8 devices:
+test_parallel_splits): uPMnet's two models and their fused features, several splits with
+their mean, MATLAB exports, pooled feature files, and the workdir as the record
+(refusals, lock, stages from the workdir alone, faults)."""
 import errno
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import socket
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,8 +32,11 @@ from upm_jax.training import trainer as trainer_lib
 from upm_jax.workdir import Workdir
 
 
+pytestmark = pytest.mark.usefixtures("one_device")
+
+
 @pytest.fixture(scope="module")
-def upm_two_splits(tmp_path_factory):
+def upm_two_splits(tmp_path_factory, one_device):
     workdir = str(tmp_path_factory.mktemp("upm"))
     config = tiny_config(data__splits="1,2", eval__save_mat=True)
     config.method = "upm"
@@ -39,7 +44,7 @@ def upm_two_splits(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_device):
     """A finished 2-step LAM run (train, extract, evaluate); tests copy it before changing."""
     workdir = str(tmp_path_factory.mktemp("trained"))
     return workdir, run.run(tiny_config(), workdir)
@@ -323,7 +328,7 @@ def test_impossible_values_fail_before_any_work(tmp_path, field, value, message)
 
 
 def test_extraction_batch_is_the_config_value_or_one_frame_per_cpu_device():
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(jax.devices())
     assert extract.extraction_batch(tiny_config(eval__batch_size=0), mesh) == mesh.size == 8
     assert extract.extraction_batch(tiny_config(eval__batch_size=64), mesh) == 64
 

@@ -114,14 +114,13 @@ def _assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 # clipping; from its third step a nearest-anchor decision can flip). The yardstick is the
 # run's own rounding noise: the same run with each batch's samples reversed, which changes
 # nothing but the summation order. 8 devices vs 1 may differ by no more than twice that.
-# The real model runs in both convolution formulations: 'auto' (this CPU's taps and matrix
-# products) and 'xla' (XLA's convolution, what GPUs and TPUs run).
+# The real model runs here in XLA's convolution (conv_impl='xla', what GPUs and TPUs run);
+# this CPU's own formulation ('auto': taps and matrix products) is held to it, features
+# and gradients, by test_models_heads, and trains below (LAM) and in every run.
 MODELS = {
     "tiny": (TinyModel, IMAGE, BATCH, 4),
     "mobilenet_gam": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
-                                          n_part=2), (64, 32), 8, 2),
-    "mobilenet_gam_xla": (lambda: build_model("mobilenet_v1", "global", depth_multiplier=0.25,
-                                              n_part=2, conv_impl="xla"), (64, 32), 8, 2),
+                                          n_part=2, conv_impl="xla"), (64, 32), 8, 2),
 }
 GROUPS = ("params", "ema_params", "batch_stats", "memory", "opt_state")
 
@@ -169,19 +168,6 @@ def reversed_run(case):
 
 def test_eight_devices_equal_one_device(case, eight_device_run, reversed_run):
     _check_eight_devices_equal_one(case, eight_device_run, reversed_run)
-
-
-@pytest.mark.slow
-def test_eight_devices_equal_one_device_with_xla_convolutions():
-    """The same with the accelerators' formulation of the convolutions, run on this CPU."""
-    make, image, batch, steps = MODELS["mobilenet_gam_xla"]
-    case = dict(name="mobilenet_gam_xla", model=make(), image=image, batch=batch, steps=steps)
-    assert case["model"].conv_impl == "xla"
-    mesh = parallel.make_mesh()
-    eight = _run_host(mesh, _case_batches(case), model=case["model"], image=image)
-    reversed_run = _run_host(mesh, _case_batches(case, reverse=True), model=case["model"],
-                             image=image)
-    _check_eight_devices_equal_one(case, eight, reversed_run)
 
 
 def _check_eight_devices_equal_one(case, eight_device_run, reversed_run):
@@ -307,24 +293,19 @@ def test_state_is_donated_and_bad_batches_are_rejected():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["local", "global"])
-def test_real_mobilenet_steps(head):
+def test_real_mobilenet_lam_steps_with_the_cpu_convolutions():
+    """LAM in this CPU's formulation (the GAM case above runs XLA's, and checks its frozen
+    layers), cross-camera association on from the first step."""
     mesh = parallel.make_mesh()
-    model = build_model("mobilenet_v1", head, depth_multiplier=0.25, n_part=2)
+    model = build_model("mobilenet_v1", "local", depth_multiplier=0.25, n_part=2)
     image = (64, 32)
     state, step_fn = _setup(mesh, model=model, image=image, cross_start_step=0)
-    frozen0 = _host(state.frozen_params)
-    stats0 = _host(state.batch_stats)
     assert state.memory.intra.shape == (2, sum(SIZES), model.feature_dim)
     for b in _batches(2, batch=8, image=image):
         state, metrics = step_fn(state, parallel.global_batch(b, mesh))
         assert all(np.isfinite(float(v)) for v in metrics.values())
     final = _host(state)
-    if head == "global":
-        _assert_trees_close(final.frozen_params, frozen0, rtol=0, atol=0)
-        _assert_trees_close(final.batch_stats["head"], stats0["head"], rtol=0, atol=0)
-    else:
-        assert final.frozen_params == {}
+    assert final.frozen_params == {}
     assert np.abs(final.memory.intra).max() > 0
 
 

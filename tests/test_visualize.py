@@ -234,7 +234,7 @@ def test_the_picture_says_what_its_marks_are(tmp_path):
 # --- the CLI on a tiny workdir -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def upm_workdir(tmp_path_factory):
+def upm_workdir(tmp_path_factory, one_device):
     """A method-`upm` workdir (config.json, split_1/{lam,gam}/checkpoints) whose EMA weights
     differ from the trained ones, saved with upm_jax.checkpoints (no training steps)."""
     workdir = str(tmp_path_factory.mktemp("upm"))
