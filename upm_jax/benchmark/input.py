@@ -78,8 +78,8 @@ def _measure(fn, frames_per_call: int, min_seconds: float, pids=lambda: (),
 
 
 # (frame size, image_size) decoded and resized: PRID2011's and iLIDS-VID's 128x64 frames
-# at the papers' 256 (upsampled), MARS's and DukeMTMC-VideoReID's 256x128 at configs/mars.py's
-# 224 (downsampled; the streamed configs decode every frame of every step).
+# at the papers' 256 (upsampled), MARS's 256x128 at configs/mars.py's 224 (downsampled, as
+# DukeMTMC-VideoReID's larger frames are: the streamed configs decode every step's frames).
 FRAME_SHAPES = (((128, 64), 256), ((256, 128), 224))
 
 
